@@ -1,0 +1,74 @@
+# Shoal: the two commands a newcomer needs are `make demo` and `make test`.
+# Everything else here is a step of those two.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+export GOTOOLCHAIN := local
+SHOAL_CACHE ?= $(HOME)/.cache/shoal
+export SHOAL_CACHE
+KUBE_BIN := $(SHOAL_CACHE)/bin/current
+export KUBECONFIG := $(CURDIR)/target/cluster/kubeconfig
+export PATH := $(KUBE_BIN):$(PATH)
+
+.PHONY: all build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
+        test-models unit-test integration-test clean
+
+all: build
+
+build:
+	cargo build --workspace --bins
+
+## crds: regenerate crds/ from the Rust types in api/
+crds:
+	cargo run -q -p shoal-operator -- crd > crds/shoal.dev.yaml
+
+## crds-check: fail if crds/ drifted from api/
+crds-check:
+	@cargo run -q -p shoal-operator -- crd | diff -u crds/shoal.dev.yaml - \
+	  || { echo "crds/ is out of date: run 'make crds' and commit the result" >&2; exit 1; }
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+cluster-build:
+	tests/cluster/build.sh
+
+cluster-up:
+	tests/cluster/up.sh
+
+cluster-down:
+	tests/cluster/down.sh
+
+test-models:
+	@tests/models/fetch.sh >/dev/null
+
+unit-test:
+	cargo test --workspace --lib --bins
+
+## integration-test: tests against the local control plane (started if needed)
+integration-test: build cluster-up test-models
+	SHOAL_TEST_MAGIKA_ONNX=$(SHOAL_CACHE)/models/magika-1.0.3/model.onnx SHOAL_TEST_PPOCR_CLS_ONNX=$(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx \
+	SHOAL_OPERATOR_BIN=$(CURDIR)/target/debug/shoal-operator \
+	  cargo test -p shoal-tests -- --test-threads 4
+
+## test: everything CI runs; starts the local control plane and stops it after
+test: lint crds-check
+	@trap 'tests/cluster/down.sh' EXIT; \
+	  $(MAKE) --no-print-directory test-models && \
+	  SHOAL_TEST_MAGIKA_ONNX=$(SHOAL_CACHE)/models/magika-1.0.3/model.onnx SHOAL_TEST_PPOCR_CLS_ONNX=$(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx cargo test --workspace --lib --bins && \
+	  $(MAKE) --no-print-directory integration-test
+
+## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
+demo: build test-models
+	examples/demo.sh
+
+clean: cluster-down
+	rm -rf target/cluster
+
+## demo-down: stop the demo's operator and model server, then the control plane
+demo-down:
+	-@for p in target/demo/operator.pid target/demo/model-server.pid; do [[ -f $$p ]] && kill $$(cat $$p) 2>/dev/null; rm -f $$p; done
+	tests/cluster/down.sh

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Builds the local control plane from Go modules (no release downloads):
+# one multicall `kube` binary (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, etcd) plus kwok and helm, into a cache directory
+# outside the repo keyed by version. A second run finds them and returns at once.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+cache=${SHOAL_CACHE:-$HOME/.cache/shoal}
+bin="$cache/bin/k8s-$KUBE_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+mkdir -p "$bin"
+
+# Go prints nothing while it compiles; count the packages it reports with -v
+# against the package graph so a person sees how far along a 10+ minute build is.
+build_with_progress() { # label total_packages command...
+  local label=$1 total=$2; shift 2
+  local log; log=$(mktemp)
+  local start=$SECONDS done=0
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  # On a terminal the line redraws every 2 s; in a CI log, one line every 30 s.
+  local tty=false every=30 last=-30 eol='\n'
+  [[ -t 1 ]] && tty=true every=2 eol=''
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((SECONDS - last >= every)); then
+      last=$SECONDS
+      done=$(grep -cvE '^(#|go: )' "$log" || true)
+      $tty && printf '\r'
+      printf "  %-6s %4d/%s packages compiled, %dm%02ds $eol" "$label" "$done" "$total" \
+        $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60))
+    fi
+    sleep 1
+  done
+  if ! wait "$pid"; then
+    printf '\n'; tail -40 "$log" >&2; rm -f "$log"
+    echo "build of $label failed (full log above)" >&2
+    return 1
+  fi
+  $tty && printf '\r'
+  printf '  %-6s built in %dm%02ds%40s\n' "$label" $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) ''
+  rm -f "$log"
+}
+
+if [[ ! -x "$bin/kube" ]]; then
+  echo "Building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and etcd v$KUBE_VERSION"
+  echo "from the k8s.io/kubernetes Go module (a cold build takes 15-25 minutes on 2 cores)"
+  cd "$here/kube"
+  go mod download
+  total=$(go list -deps . | wc -l)
+  v=k8s.io/component-base/version c=k8s.io/client-go/pkg/version
+  minor=$(cut -d. -f2 <<<"$KUBE_VERSION")
+  ldflags="-s -w -X $v.gitVersion=v$KUBE_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
+  ldflags="$ldflags -X $c.gitVersion=v$KUBE_VERSION -X $c.gitMajor=1 -X $c.gitMinor=$minor"
+  build_with_progress kube "$total" go build -v -trimpath -ldflags "$ldflags" -o "$bin/kube.tmp" .
+  mv "$bin/kube.tmp" "$bin/kube"
+fi
+for component in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd; do
+  ln -sf kube "$bin/$component"
+done
+
+install_tool() { # name module version
+  local name=$1 module=$2 version=$3
+  [[ -x "$bin/$name" ]] && return 0
+  echo "Building $name v$version with go install"
+  local gobin; gobin=$(mktemp -d)
+  build_with_progress "$name" "~" env GOBIN="$gobin" go install -v "$module@v$version"
+  mv "$gobin/$name" "$bin/$name"
+  rm -rf "$gobin"
+}
+install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
+install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+
+# A stable path for the Makefile and scripts to find the binaries.
+mkdir -p "$cache/bin"
+ln -sfn "$bin" "$cache/bin/current"
+echo "Control-plane binaries ready in $bin"

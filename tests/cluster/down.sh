@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Stops exactly the processes up.sh started (by PID file), newest first.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+pids="$here/../../target/cluster/pids"
+quiet=false; [[ ${1:-} == --quiet ]] && quiet=true
+stopped=()
+for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+  file="$pids/$name.pid"
+  [[ -f $file ]] || continue
+  pid=$(cat "$file")
+  # Only signal the PID if it still runs the program we started (PIDs get reused).
+  if kill -0 "$pid" 2>/dev/null && grep -qa "$name" "/proc/$pid/cmdline" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    stopped+=("$name")
+  fi
+  rm -f "$file"
+done
+$quiet || echo "Stopped: ${stopped[*]:-nothing was running}"
