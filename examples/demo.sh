@@ -15,7 +15,7 @@ step "1/6 Local control plane (kube-apiserver, etcd, controller-manager, schedul
 tests/cluster/up.sh
 
 step "2/6 Shoal's CRDs"
-kubectl apply --server-side --field-manager shoal-demo -f crds/shoal.dev.yaml
+kubectl apply --server-side --force-conflicts --field-manager shoal-demo -f crds/shoal.dev.yaml
 kubectl wait --for condition=Established --timeout 60s -f crds/shoal.dev.yaml
 
 step "3/6 Three simulated edge nodes (kwok): two stores and a warehouse"
@@ -38,9 +38,10 @@ done
 
 step "4/6 shoal-operator (logs: target/demo/operator.log)"
 mkdir -p "$demo"
-stop_pid() { [[ -f $1 ]] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; }
+stop_pid() { if [[ -f $1 ]]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; fi; }
 stop_pid "$demo/operator.pid"; stop_pid "$demo/model-server.pid"
-setsid target/debug/shoal-operator run --artifact-dir "$demo/artifacts" \
+kubectl create namespace shoal-demo --dry-run=client -o yaml | kubectl apply -f -
+setsid target/debug/shoal-operator run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
   --metrics-addr 127.0.0.1:18080 --agent-api-url http://127.0.0.1:18443 \
   >"$demo/operator.log" 2>&1 </dev/null &
 echo $! >"$demo/operator.pid"
@@ -53,7 +54,6 @@ curl -sf http://127.0.0.1:18080/readyz >/dev/null || { tail -20 "$demo/operator.
 echo "operator ready: http://127.0.0.1:18080/metrics"
 
 step "5/6 A real model (magika's file-type classifier) and an EdgePool"
-kubectl create namespace shoal-demo --dry-run=client -o yaml | kubectl apply -f -
 kubectl apply -f examples/quickstart/model.yaml -f examples/quickstart/edge-pool.yaml
 
 step "6/6 Waiting for the Model and the EdgePool to be Ready"

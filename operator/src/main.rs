@@ -1,1 +1,131 @@
-fn main() {}
+//! `shoal-operator`: runs Shoal's controllers (`run`) and prints its CRDs (`crd`).
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use shoal_operator::artifact_store::ArtifactStore;
+use shoal_operator::backoff::Backoff;
+use shoal_operator::context::Context;
+use shoal_operator::edge_pool_daemonset::AgentDefaults;
+use shoal_operator::metrics::Metrics;
+use shoal_operator::{edge_pool_controller, fetch, http_server, model_controller};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "shoal-operator", version, about = "Ships ML models to fleets of edge Kubernetes nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controllers against the cluster in KUBECONFIG (or in-cluster config).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions as YAML (what `kubectl apply -f crds/` installs).
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of the content-addressed artifact store (a PersistentVolume in production).
+    #[arg(long, env = "SHOAL_ARTIFACT_DIR", default_value = "/var/lib/shoal/artifacts")]
+    artifact_dir: PathBuf,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "SHOAL_METRICS_ADDR", default_value = "127.0.0.1:8080")]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SHOAL_NAMESPACE")]
+    namespace: Option<String>,
+    /// URL of the operator's agent API as edge agents reach it.
+    #[arg(long, env = "SHOAL_AGENT_API_URL", default_value = "https://shoal-operator.shoal-system.svc:8443")]
+    agent_api_url: String,
+    /// ServiceAccount the agent pods run as.
+    #[arg(long, env = "SHOAL_AGENT_SERVICE_ACCOUNT", default_value = "shoal-agent")]
+    agent_service_account: String,
+    /// Largest model source accepted, in bytes.
+    #[arg(long, env = "SHOAL_MAX_MODEL_BYTES", default_value_t = 1 << 30)]
+    max_model_bytes: u64,
+    /// Log format.
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", shoal_api::crds_yaml());
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API: set KUBECONFIG or run in a pod with a ServiceAccount")?;
+    let artifacts = ArtifactStore::open(&args.artifact_dir)
+        .with_context(|| format!("cannot open the artifact store at {}", args.artifact_dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(http_server::Readiness::default());
+    let ctx = Arc::new(Context {
+        client,
+        artifacts,
+        http: fetch::http_client()?,
+        metrics: metrics.clone(),
+        backoff: Backoff::default(),
+        agent_defaults: AgentDefaults {
+            control_plane_url: args.agent_api_url,
+            service_account: args.agent_service_account,
+        },
+        max_model_bytes: args.max_model_bytes,
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_addr))?;
+    tracing::info!(addr = %args.metrics_addr, namespace = ?args.namespace, "shoal-operator starting");
+    let server = axum::serve(listener, http_server::router(metrics, readiness.clone()));
+    tokio::spawn(async move {
+        if let Err(error) = server.await {
+            tracing::error!(%error, "metrics server stopped");
+        }
+    });
+
+    let (model_synced, model_synced_rx) = tokio::sync::oneshot::channel();
+    let (pool_synced, pool_synced_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if model_synced_rx.await.is_ok() && pool_synced_rx.await.is_ok() {
+            readiness.set_ready();
+            tracing::info!("controllers' caches synced; ready");
+        }
+    });
+    tokio::join!(
+        model_controller::run(ctx.clone(), args.namespace.clone(), model_synced),
+        edge_pool_controller::run(ctx.clone(), args.namespace.clone(), pool_synced),
+    );
+    tracing::info!("shoal-operator stopped");
+    Ok(())
+}

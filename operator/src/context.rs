@@ -1,0 +1,48 @@
+//! What every controller shares: the API client, the artifact store, the HTTP
+//! client for model sources, metrics and per-object backoff.
+
+use crate::artifact_store::ArtifactStore;
+use crate::backoff::Backoff;
+use crate::edge_pool_daemonset::AgentDefaults;
+use crate::metrics::Metrics;
+use std::sync::Arc;
+
+pub struct Context {
+    pub client: kube::Client,
+    pub artifacts: ArtifactStore,
+    pub http: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+    pub agent_defaults: AgentDefaults,
+    /// Largest model source the operator accepts, in bytes.
+    pub max_model_bytes: u64,
+}
+
+/// The one field manager for everything the operator writes with server-side apply.
+pub const FIELD_MANAGER: &str = "shoal-operator";
+
+/// Sends on `synced` once `store` holds its first full list.
+///
+/// kube-runtime's `Store::wait_until_ready` wakes only the last task that polled it
+/// when several wait at once (the Controller waits too), so poll it with a short
+/// timeout until it resolves: once ready, every later call returns at once.
+pub async fn signal_when_synced<K>(
+    store: kube::runtime::reflector::Store<K>,
+    what: &'static str,
+    synced: tokio::sync::oneshot::Sender<()>,
+) where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_millis(250), store.wait_until_ready()).await {
+            Ok(Ok(())) => {
+                tracing::info!("{what} cache synced");
+                let _ = synced.send(());
+                return;
+            }
+            Ok(Err(_writer_dropped)) => return,
+            Err(_still_waiting) => continue,
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The Model controller's I/O shell: fetch the source, verify its digest, inspect
+//! it with tract, store it content-addressed and write status. Decisions live in
+//! `model_plan`; this file only carries them out.
+
+use crate::artifact_store::StoreError;
+use crate::context::{Context, FIELD_MANAGER};
+use crate::fetch::{FetchError, fetch_http};
+use crate::model_plan::{self, Plan, Refusal, VersionBinding};
+use crate::onnx_signature;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use shoal_api::{CompressionMode, Model, ModelPhase, ModelStatus, ModelVersion, TensorSpec};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const CONTROLLER: &str = "model";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("the artifact store failed: {0}")]
+    Store(StoreError),
+    #[error("ConfigMap {namespace}/{name} not found; create it or fix spec.source.configMap.name")]
+    ConfigMapMissing { namespace: String, name: String },
+    #[error(
+        "ConfigMap {namespace}/{name} has no binaryData key {key:?} (it has: {available}); \
+         put the model file under binaryData.{key} or fix spec.source.configMap.key"
+    )]
+    ConfigMapKeyMissing { namespace: String, name: String, key: String, available: String },
+    #[error("inspecting the model was interrupted: {0}")]
+    Interrupted(String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Fetch(e) => e.metric_label(),
+            Error::Store(e) => e.metric_label(),
+            Error::ConfigMapMissing { .. } => "configmap_missing",
+            Error::ConfigMapKeyMissing { .. } => "configmap_key_missing",
+            Error::Interrupted(_) => "interrupted",
+        }
+    }
+}
+
+/// Runs the Model controller until shutdown. `namespace` limits it to one namespace.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, synced: tokio::sync::oneshot::Sender<()>) {
+    let models: Api<Model> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let (reader, writer) = reflector::store();
+    // Status writes do not change metadata.generation; filtering on it keeps the
+    // controller from reconciling its own status patches.
+    let stream = watcher(models, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let ready_reader = reader.clone();
+    tokio::spawn(crate::context::signal_when_synced(ready_reader, "model", synced));
+    Controller::for_stream(stream, reader)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
+
+async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_model(&model, &ctx).await;
+    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
+    if result.is_ok() {
+        ctx.backoff.reset(&model_plan::object_key(&model));
+    }
+    result
+}
+
+fn error_policy(model: Arc<Model>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(CONTROLLER, error.metric_label());
+    let delay = ctx.backoff.next_delay(&model_plan::object_key(&model));
+    tracing::warn!(model = %model_plan::object_key(&model), %error, retry_in = ?delay, "model reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> {
+    let key = model_plan::object_key(model);
+    match model_plan::plan(model, |digest| ctx.artifacts.contains(digest).unwrap_or(false)) {
+        Plan::UpToDate => return Ok(Action::requeue(Duration::from_secs(600))),
+        Plan::Refuse(refusal) => return refuse(model, ctx, &refusal).await,
+        Plan::Fetch => {}
+    }
+    tracing::info!(model = %key, version = %model.spec.version, "fetching model source");
+    let message = format!("fetching version {}", model.spec.version);
+    write_status(model, ctx, &model_plan::progress_status(model, ModelPhase::Fetching, "Fetching", &message, now()))
+        .await?;
+
+    let (bytes, expected_digest) = match fetch_source(model, ctx).await {
+        Ok(fetched) => fetched,
+        Err(error) => {
+            let status = model_plan::progress_status(model, ModelPhase::Pending, "FetchFailed", &error.to_string(), now());
+            write_status(model, ctx, &status).await?;
+            return Err(error);
+        }
+    };
+    ctx.metrics.fetched(bytes.len() as u64);
+    let source_digest = crate::artifact_store::sha256_hex(&bytes);
+    if let Some(expected) = &expected_digest
+        && *expected != source_digest
+    {
+        let refusal = Refusal {
+            reason: "DigestMismatch",
+            message: format!(
+                "the source's sha256 is {source_digest} but spec.source.http.sha256 says {expected}; \
+                 nothing was stored. Fix the sha256 or the URL"
+            ),
+        };
+        return refuse(model, ctx, &refusal).await;
+    }
+
+    let versions = model.status.as_ref().map(|s| s.versions.as_slice()).unwrap_or_default();
+    if let VersionBinding::Conflict(refusal) = model_plan::bind_version(versions, &model.spec.version, &source_digest) {
+        return refuse(model, ctx, &refusal).await;
+    }
+
+    // Parsing and optimising a model is CPU-bound: keep it off the async runtime.
+    let (bytes, inspected) = tokio::task::spawn_blocking(move || {
+        let signature = onnx_signature::read_signature(&bytes);
+        (bytes, signature)
+    })
+    .await
+    .map_err(|e| Error::Interrupted(e.to_string()))?;
+    let signature = match inspected {
+        Ok(signature) => signature,
+        Err(invalid) => {
+            let refusal = Refusal { reason: "InvalidModel", message: invalid.to_string() };
+            return refuse(model, ctx, &refusal).await;
+        }
+    };
+
+    let stored = ctx.artifacts.put_verified(&bytes, Some(&source_digest)).map_err(Error::Store)?;
+    let entry = ModelVersion {
+        version: model.spec.version.clone(),
+        source_digest: source_digest.clone(),
+        artifact_digest: stored.digest.clone(),
+        source_bytes: bytes.len() as u64,
+        artifact_bytes: stored.bytes,
+        compression: CompressionMode::None,
+        compression_ratio: 1.0,
+        validation: None,
+        inputs: signature.inputs.into_iter().map(tensor_spec).collect(),
+        outputs: signature.outputs.into_iter().map(tensor_spec).collect(),
+        ready_time: Some(now()),
+    };
+    tracing::info!(model = %key, version = %entry.version, digest = %entry.artifact_digest, bytes = entry.artifact_bytes, "model version ready");
+    write_status(model, ctx, &model_plan::ready_status(model, entry, now())).await?;
+    Ok(Action::requeue(Duration::from_secs(600)))
+}
+
+fn tensor_spec(tensor: onnx_signature::Tensor) -> TensorSpec {
+    TensorSpec { name: tensor.name, datatype: tensor.datatype, shape: tensor.shape }
+}
+
+/// Records a failure that only a change to the Model can fix, then waits for that change.
+async fn refuse(model: &Model, ctx: &Context, refusal: &Refusal) -> Result<Action, Error> {
+    tracing::warn!(model = %model_plan::object_key(model), reason = refusal.reason, message = %refusal.message, "model version refused");
+    ctx.metrics.reconcile_failed(CONTROLLER, refusal.reason);
+    write_status(model, ctx, &model_plan::failed_status(model, refusal, now())).await?;
+    Ok(Action::await_change())
+}
+
+/// The source bytes and, for http sources, the digest the user declared.
+async fn fetch_source(model: &Model, ctx: &Context) -> Result<(Vec<u8>, Option<String>), Error> {
+    let namespace = model.namespace().unwrap_or_default();
+    if let Some(http) = &model.spec.source.http {
+        let bytes = fetch_http(&ctx.http, &http.url, ctx.max_model_bytes).await?;
+        return Ok((bytes, Some(http.sha256.clone())));
+    }
+    let Some(source) = &model.spec.source.config_map else {
+        // The schema admits exactly one source and `plan` refused oci already.
+        return Err(Error::Interrupted("spec.source names no source this operator can fetch".into()));
+    };
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let config_map = config_maps
+        .get_opt(&source.name)
+        .await?
+        .ok_or_else(|| Error::ConfigMapMissing { namespace: namespace.clone(), name: source.name.clone() })?;
+    let mut binary = config_map.binary_data.unwrap_or_default();
+    match binary.remove(&source.key) {
+        Some(bytes) => Ok((bytes.0, None)),
+        None => Err(Error::ConfigMapKeyMissing {
+            namespace,
+            name: source.name.clone(),
+            key: source.key.clone(),
+            available: binary.keys().cloned().collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+/// Writes the whole status with server-side apply under the operator's field manager.
+async fn write_status(model: &Model, ctx: &Context, status: &ModelStatus) -> Result<(), Error> {
+    let api: Api<Model> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let patch = json!({ "apiVersion": "shoal.dev/v1alpha1", "kind": "Model", "status": status });
+    api.patch_status(&model.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
+        .await?;
+    Ok(())
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
