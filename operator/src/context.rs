@@ -35,7 +35,12 @@ pub async fn signal_when_synced<K>(
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     loop {
-        match tokio::time::timeout(std::time::Duration::from_millis(250), store.wait_until_ready()).await {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(250),
+            store.wait_until_ready(),
+        )
+        .await
+        {
             Ok(Ok(())) => {
                 tracing::info!("{what} cache synced");
                 let _ = synced.send(());

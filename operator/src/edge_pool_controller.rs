@@ -5,12 +5,12 @@ use crate::context::{Context, FIELD_MANAGER};
 use crate::edge_pool_daemonset::{self, UnsupportedSelector};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -37,10 +37,17 @@ impl Error {
     }
 }
 
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, synced: tokio::sync::oneshot::Sender<()>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    synced: tokio::sync::oneshot::Sender<()>,
+) {
     let client = ctx.client.clone();
     let (pools, daemon_sets): (Api<EdgePool>, Api<DaemonSet>) = match &namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let nodes: Api<PartialObjectMeta<Node>> = Api::all(client);
@@ -53,14 +60,24 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, synced: tokio::sy
         .touched_objects()
         .predicate_filter(predicates::labels, Default::default());
     let ready_store = pool_store.clone();
-    tokio::spawn(crate::context::signal_when_synced(ready_store, "edge pool", synced));
+    tokio::spawn(crate::context::signal_when_synced(
+        ready_store,
+        "edge pool",
+        synced,
+    ));
     controller
         .owns(
             daemon_sets,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=shoal-operator").any_semantic(),
+            watcher::Config::default()
+                .labels("app.kubernetes.io/managed-by=shoal-operator")
+                .any_semantic(),
         )
         .watches_stream(node_changes, move |_node| {
-            pool_store.state().into_iter().map(|pool| ObjectRef::from_obj(pool.as_ref())).collect::<Vec<_>>()
+            pool_store
+                .state()
+                .into_iter()
+                .map(|pool| ObjectRef::from_obj(pool.as_ref()))
+                .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -69,7 +86,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, synced: tokio::sy
 }
 
 fn object_key(pool: &EdgePool) -> String {
-    format!("{}/{}", pool.namespace().unwrap_or_default(), pool.name_any())
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    )
 }
 
 async fn reconcile(pool: Arc<EdgePool>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -83,7 +104,8 @@ async fn reconcile(pool: Arc<EdgePool>, ctx: Arc<Context>) -> Result<Action, Err
 }
 
 fn error_policy(pool: Arc<EdgePool>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failed(CONTROLLER, error.metric_label());
+    ctx.metrics
+        .reconcile_failed(CONTROLLER, error.metric_label());
     let delay = ctx.backoff.next_delay(&object_key(&pool));
     tracing::warn!(pool = %object_key(&pool), %error, retry_in = ?delay, "edge pool reconcile failed");
     Action::requeue(delay)
@@ -100,16 +122,35 @@ async fn reconcile_pool(pool: &EdgePool, ctx: &Context) -> Result<Action, Error>
             return Ok(Action::await_change());
         }
     };
-    let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &namespace);
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
     let ds_name = edge_pool_daemonset::daemon_set_name(&name);
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+    accounts
+        .patch(
+            &ds_name,
+            &apply,
+            &Patch::Apply(&edge_pool_daemonset::build_service_account(pool)),
+        )
+        .await?;
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let applied = daemon_sets
-        .patch(&ds_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&daemon_set))
+        .patch(&ds_name, &apply, &Patch::Apply(&daemon_set))
         .await?;
 
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let query = edge_pool_daemonset::label_query(&pool.spec.node_selector);
-    let node_count = nodes.list_metadata(&ListParams::default().labels(&query)).await?.items.len();
-    let status = pool_status(pool, &ds_name, node_count, applied.status.as_ref(), Time(k8s_openapi::jiff::Timestamp::now()));
+    let node_count = nodes
+        .list_metadata(&ListParams::default().labels(&query))
+        .await?
+        .items
+        .len();
+    let status = pool_status(
+        pool,
+        &ds_name,
+        node_count,
+        applied.status.as_ref(),
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
     write_status(pool, ctx, &status).await?;
     Ok(Action::requeue(RESYNC))
 }
@@ -136,30 +177,72 @@ pub fn pool_status(
             "spec.nodeSelector matches no nodes; label your edge nodes to match it, or fix the selector".to_string(),
         )
     } else if ready < scheduled || scheduled == 0 {
-        (ConditionStatus::False, "AgentsNotReady", format!("{ready} of {scheduled} agents ready on {nodes} selected nodes"))
+        (
+            ConditionStatus::False,
+            "AgentsNotReady",
+            format!("{ready} of {scheduled} agents ready on {nodes} selected nodes"),
+        )
     } else {
-        (ConditionStatus::True, "AgentsReady", format!("{ready} agents ready on {nodes} selected nodes"))
+        (
+            ConditionStatus::True,
+            "AgentsReady",
+            format!("{ready} agents ready on {nodes} selected nodes"),
+        )
     };
-    set_condition(&mut status.conditions, condition(condition_status, reason, &message, pool, now));
+    set_condition(
+        &mut status.conditions,
+        condition(condition_status, reason, &message, pool, now),
+    );
     status
 }
 
 fn invalid_status(pool: &EdgePool, invalid: &UnsupportedSelector, now: Time) -> EdgePoolStatus {
     let mut status = pool.status.clone().unwrap_or_default();
     status.observed_generation = pool.metadata.generation;
-    set_condition(&mut status.conditions, condition(ConditionStatus::False, "InvalidSelector", &invalid.to_string(), pool, now));
+    set_condition(
+        &mut status.conditions,
+        condition(
+            ConditionStatus::False,
+            "InvalidSelector",
+            &invalid.to_string(),
+            pool,
+            now,
+        ),
+    );
     status
 }
 
-fn condition(status: ConditionStatus, reason: &str, message: &str, pool: &EdgePool, now: Time) -> Condition {
-    new_condition("Ready", status, reason, message, pool.metadata.generation, now)
+fn condition(
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+    pool: &EdgePool,
+    now: Time,
+) -> Condition {
+    new_condition(
+        "Ready",
+        status,
+        reason,
+        message,
+        pool.metadata.generation,
+        now,
+    )
 }
 
-async fn write_status(pool: &EdgePool, ctx: &Context, status: &EdgePoolStatus) -> Result<(), Error> {
-    let api: Api<EdgePool> = Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
+async fn write_status(
+    pool: &EdgePool,
+    ctx: &Context,
+    status: &EdgePoolStatus,
+) -> Result<(), Error> {
+    let api: Api<EdgePool> =
+        Api::namespaced(ctx.client.clone(), &pool.namespace().unwrap_or_default());
     let patch = json!({ "apiVersion": "shoal.dev/v1alpha1", "kind": "EdgePool", "status": status });
-    api.patch_status(&pool.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
-        .await?;
+    api.patch_status(
+        &pool.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     Ok(())
 }
 
@@ -175,17 +258,31 @@ mod tests {
     }
 
     fn ds(ready: i32, scheduled: i32) -> DaemonSetStatus {
-        DaemonSetStatus { number_ready: ready, desired_number_scheduled: scheduled, ..Default::default() }
+        DaemonSetStatus {
+            number_ready: ready,
+            desired_number_scheduled: scheduled,
+            ..Default::default()
+        }
     }
 
     fn ready_condition(status: &EdgePoolStatus) -> (&str, &str) {
-        let c = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready condition");
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready condition");
         (c.status.as_str(), c.reason.as_str())
     }
 
     #[test]
     fn all_agents_ready() {
-        let status = pool_status(&pool(), "shoal-agent-stores", 3, Some(&ds(3, 3)), Time(k8s_openapi::jiff::Timestamp::now()));
+        let status = pool_status(
+            &pool(),
+            "shoal-agent-stores",
+            3,
+            Some(&ds(3, 3)),
+            Time(k8s_openapi::jiff::Timestamp::now()),
+        );
         assert_eq!((status.nodes, status.agents_ready), (3, 3));
         assert_eq!(status.daemon_set.as_deref(), Some("shoal-agent-stores"));
         assert_eq!(status.observed_generation, Some(2));
@@ -194,16 +291,38 @@ mod tests {
 
     #[test]
     fn some_agents_not_ready() {
-        let status = pool_status(&pool(), "ds", 3, Some(&ds(1, 3)), Time(k8s_openapi::jiff::Timestamp::now()));
+        let status = pool_status(
+            &pool(),
+            "ds",
+            3,
+            Some(&ds(1, 3)),
+            Time(k8s_openapi::jiff::Timestamp::now()),
+        );
         assert_eq!(ready_condition(&status), ("False", "AgentsNotReady"));
-        let status = pool_status(&pool(), "ds", 3, None, Time(k8s_openapi::jiff::Timestamp::now()));
+        let status = pool_status(
+            &pool(),
+            "ds",
+            3,
+            None,
+            Time(k8s_openapi::jiff::Timestamp::now()),
+        );
         assert_eq!(ready_condition(&status), ("False", "AgentsNotReady"));
     }
 
     #[test]
     fn no_nodes_says_how_to_fix() {
-        let status = pool_status(&pool(), "ds", 0, Some(&ds(0, 0)), Time(k8s_openapi::jiff::Timestamp::now()));
+        let status = pool_status(
+            &pool(),
+            "ds",
+            0,
+            Some(&ds(0, 0)),
+            Time(k8s_openapi::jiff::Timestamp::now()),
+        );
         assert_eq!(ready_condition(&status), ("False", "NoNodes"));
-        assert!(status.conditions[0].message.contains("label your edge nodes"));
+        assert!(
+            status.conditions[0]
+                .message
+                .contains("label your edge nodes")
+        );
     }
 }

@@ -2,12 +2,15 @@
 //! pool selects. Pure: the same pool and settings always give the same object,
 //! which the EdgePool controller then server-side applies.
 
-use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
+};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecurityContext,
-    Capabilities, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -23,41 +26,78 @@ pub const AGENT_TOKEN_AUDIENCE: &str = "shoal";
 const TOKEN_DIR: &str = "/var/run/secrets/shoal";
 const CACHE_DIR: &str = "/var/cache/shoal";
 
-/// Where agents find the operator, and as whom they run; from operator flags.
+/// Where agents find the operator; from operator flags.
 #[derive(Clone, Debug)]
 pub struct AgentDefaults {
     /// URL of the operator's agent API as seen from an edge node.
     pub control_plane_url: String,
-    /// ServiceAccount the agent pods run as (the chart creates it).
-    pub service_account: String,
 }
 
-/// The DaemonSet's name for a pool: `shoal-agent-<pool>`.
+/// The name of a pool's DaemonSet and ServiceAccount: `shoal-agent-<pool>`.
 pub fn daemon_set_name(pool_name: &str) -> String {
     format!("shoal-agent-{pool_name}")
 }
 
+/// The ServiceAccount a pool's agents run as. Its projected token (audience
+/// `shoal`) is the agent's identity towards the operator; it is granted no
+/// Kubernetes permissions. One per pool, owned by the pool, so it goes with it.
+pub fn build_service_account(pool: &EdgePool) -> ServiceAccount {
+    let pool_name = pool.name_any();
+    ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(daemon_set_name(&pool_name)),
+            namespace: pool.namespace(),
+            labels: Some(agent_labels(&pool_name)),
+            owner_references: Some(pool.controller_owner_ref(&()).into_iter().collect()),
+            ..Default::default()
+        },
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    }
+}
+
+fn agent_labels(pool_name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "shoal-agent".to_string(),
+        ),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            pool_name.to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "shoal-operator".to_string(),
+        ),
+        (POOL_LABEL.to_string(), pool_name.to_string()),
+    ])
+}
+
 /// Why a pool's selector cannot become a pod's node placement.
 #[derive(Debug, thiserror::Error, PartialEq)]
-#[error("spec.nodeSelector.matchExpressions[{index}]: operator {operator:?} is not one of In, NotIn, Exists, DoesNotExist")]
+#[error(
+    "spec.nodeSelector.matchExpressions[{index}]: operator {operator:?} is not one of In, NotIn, Exists, DoesNotExist"
+)]
 pub struct UnsupportedSelector {
     pub index: usize,
     pub operator: String,
 }
 
 /// The DaemonSet that runs this pool's agents, owned by the pool.
-pub fn build_daemon_set(pool: &EdgePool, defaults: &AgentDefaults) -> Result<DaemonSet, UnsupportedSelector> {
+pub fn build_daemon_set(
+    pool: &EdgePool,
+    defaults: &AgentDefaults,
+) -> Result<DaemonSet, UnsupportedSelector> {
     let pool_name = pool.name_any();
     let agent = &pool.spec.agent;
     let port = agent.port_or_default();
-    let labels = BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "shoal-agent".to_string()),
-        ("app.kubernetes.io/instance".to_string(), pool_name.clone()),
-        ("app.kubernetes.io/managed-by".to_string(), "shoal-operator".to_string()),
-        (POOL_LABEL.to_string(), pool_name.clone()),
-    ]);
+    let labels = agent_labels(&pool_name);
     let selector_labels = BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "shoal-agent".to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            "shoal-agent".to_string(),
+        ),
         (POOL_LABEL.to_string(), pool_name.clone()),
     ]);
     let (node_selector, affinity) = node_placement(&pool.spec.node_selector)?;
@@ -65,7 +105,10 @@ pub fn build_daemon_set(pool: &EdgePool, defaults: &AgentDefaults) -> Result<Dae
     let mut env = vec![EnvVar {
         name: "NODE_NAME".into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: "spec.nodeName".into(), ..Default::default() }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "spec.nodeName".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -102,7 +145,11 @@ pub fn build_daemon_set(pool: &EdgePool, defaults: &AgentDefaults) -> Result<Dae
         readiness_probe: Some(http_probe("/v2/health/ready", port)),
         liveness_probe: Some(http_probe("/v2/health/live", port)),
         volume_mounts: Some(vec![
-            VolumeMount { name: "model-cache".into(), mount_path: CACHE_DIR.into(), ..Default::default() },
+            VolumeMount {
+                name: "model-cache".into(),
+                mount_path: CACHE_DIR.into(),
+                ..Default::default()
+            },
             VolumeMount {
                 name: "shoal-token".into(),
                 mount_path: TOKEN_DIR.into(),
@@ -114,7 +161,10 @@ pub fn build_daemon_set(pool: &EdgePool, defaults: &AgentDefaults) -> Result<Dae
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -149,7 +199,10 @@ pub fn build_daemon_set(pool: &EdgePool, defaults: &AgentDefaults) -> Result<Dae
         },
     ];
 
-    let owner = pool.controller_owner_ref(&()).into_iter().collect::<Vec<_>>();
+    let owner = pool
+        .controller_owner_ref(&())
+        .into_iter()
+        .collect::<Vec<_>>();
     Ok(DaemonSet {
         metadata: ObjectMeta {
             name: Some(daemon_set_name(&pool_name)),
@@ -159,7 +212,10 @@ pub fn build_daemon_set(pool: &EdgePool, defaults: &AgentDefaults) -> Result<Dae
             ..Default::default()
         },
         spec: Some(DaemonSetSpec {
-            selector: LabelSelector { match_labels: Some(selector_labels), ..Default::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels),
+                ..Default::default()
+            },
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
@@ -168,9 +224,12 @@ pub fn build_daemon_set(pool: &EdgePool, defaults: &AgentDefaults) -> Result<Dae
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
-                    service_account_name: Some(defaults.service_account.clone()),
+                    service_account_name: Some(daemon_set_name(&pool_name)),
                     automount_service_account_token: Some(false),
                     node_selector,
                     affinity,
@@ -212,15 +271,24 @@ fn http_probe(path: &str, port: i32) -> Probe {
 type NodePlacement = (Option<BTreeMap<String, String>>, Option<Affinity>);
 
 pub fn node_placement(selector: &LabelSelector) -> Result<NodePlacement, UnsupportedSelector> {
-    let node_selector = selector.match_labels.clone().filter(|labels| !labels.is_empty());
+    let node_selector = selector
+        .match_labels
+        .clone()
+        .filter(|labels| !labels.is_empty());
     let expressions = selector.match_expressions.clone().unwrap_or_default();
     if expressions.is_empty() {
         return Ok((node_selector, None));
     }
     let mut requirements = Vec::with_capacity(expressions.len());
     for (index, expression) in expressions.into_iter().enumerate() {
-        if !matches!(expression.operator.as_str(), "In" | "NotIn" | "Exists" | "DoesNotExist") {
-            return Err(UnsupportedSelector { index, operator: expression.operator });
+        if !matches!(
+            expression.operator.as_str(),
+            "In" | "NotIn" | "Exists" | "DoesNotExist"
+        ) {
+            return Err(UnsupportedSelector {
+                index,
+                operator: expression.operator,
+            });
         }
         requirements.push(NodeSelectorRequirement {
             key: expression.key,
@@ -274,7 +342,6 @@ mod tests {
     fn defaults() -> AgentDefaults {
         AgentDefaults {
             control_plane_url: "https://shoal.shoal-system.svc:8443".into(),
-            service_account: "shoal-agent".into(),
         }
     }
 
@@ -301,22 +368,38 @@ spec:
         assert_eq!(ds.metadata.name.as_deref(), Some("shoal-agent-stores"));
         assert_eq!(ds.metadata.namespace.as_deref(), Some("retail"));
         let owner = &ds.metadata.owner_references.as_ref().expect("owner")[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("EdgePool", "stores", Some(true)));
-        let pod = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec");
         assert_eq!(
-            pod.node_selector.as_ref().and_then(|s| s.get("shoal.dev/site")).map(String::as_str),
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("EdgePool", "stores", Some(true))
+        );
+        let pod = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        assert_eq!(
+            pod.node_selector
+                .as_ref()
+                .and_then(|s| s.get("shoal.dev/site"))
+                .map(String::as_str),
             Some("store")
         );
         let terms = &pod
             .affinity
             .as_ref()
             .and_then(|a| a.node_affinity.as_ref())
-            .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
             .expect("node affinity")
             .node_selector_terms;
         let requirement = &terms[0].match_expressions.as_ref().expect("expressions")[0];
         assert_eq!(requirement.key, "topology.kubernetes.io/region");
-        assert_eq!(requirement.values.as_deref(), Some(&["eu-west".to_string(), "eu-north".to_string()][..]));
+        assert_eq!(
+            requirement.values.as_deref(),
+            Some(&["eu-west".to_string(), "eu-north".to_string()][..])
+        );
         let tolerations = pod.tolerations.as_ref().expect("tolerations");
         assert_eq!(tolerations[0].key.as_deref(), Some("edge"));
     }
@@ -327,15 +410,34 @@ spec:
         let pod = ds.spec.and_then(|s| s.template.spec).expect("pod spec");
         let agent = &pod.containers[0];
         let args = agent.args.clone().expect("args");
-        assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:9000"]), "{args:?}");
-        assert!(args.windows(2).any(|w| w == ["--cache-size", "512Mi"]), "{args:?}");
-        assert!(args.windows(2).any(|w| w[0] == "--control-plane" && w[1].starts_with("https://")));
+        assert!(
+            args.windows(2).any(|w| w == ["--listen", "0.0.0.0:9000"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2).any(|w| w == ["--cache-size", "512Mi"]),
+            "{args:?}"
+        );
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--control-plane" && w[1].starts_with("https://"))
+        );
         let env = agent.env.clone().expect("env");
         assert_eq!(env[0].name, "NODE_NAME");
         assert!(env.iter().any(|e| e.name == "RUST_LOG"));
         assert_eq!(agent.ports.as_ref().expect("ports")[0].container_port, 9000);
-        let token = pod.volumes.as_ref().expect("volumes").iter().find(|v| v.name == "shoal-token").expect("token volume");
-        let projection = token.projected.as_ref().and_then(|p| p.sources.as_ref()).expect("sources")[0]
+        let token = pod
+            .volumes
+            .as_ref()
+            .expect("volumes")
+            .iter()
+            .find(|v| v.name == "shoal-token")
+            .expect("token volume");
+        let projection = token
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .expect("sources")[0]
             .service_account_token
             .clone()
             .expect("sa token");
@@ -343,21 +445,44 @@ spec:
     }
 
     #[test]
+    fn agents_run_as_the_pools_own_service_account() {
+        let pool = pool(STORES);
+        let account = build_service_account(&pool);
+        assert_eq!(account.metadata.name.as_deref(), Some("shoal-agent-stores"));
+        assert_eq!(account.automount_service_account_token, Some(false));
+        assert_eq!(
+            account.metadata.owner_references.as_ref().map(Vec::len),
+            Some(1)
+        );
+        let ds = build_daemon_set(&pool, &defaults()).expect("builds");
+        let pod = ds.spec.and_then(|s| s.template.spec).expect("pod spec");
+        assert_eq!(pod.service_account_name, account.metadata.name);
+    }
+
+    #[test]
     fn match_labels_only_needs_no_affinity() {
-        let selector: LabelSelector = serde_yaml::from_str("matchLabels: {pool: a}").expect("parses");
+        let selector: LabelSelector =
+            serde_yaml::from_str("matchLabels: {pool: a}").expect("parses");
         let (labels, affinity) = node_placement(&selector).expect("supported");
-        assert_eq!(labels.expect("labels").get("pool").map(String::as_str), Some("a"));
+        assert_eq!(
+            labels.expect("labels").get("pool").map(String::as_str),
+            Some("a")
+        );
         assert!(affinity.is_none());
     }
 
     #[test]
     fn unknown_operator_is_rejected_with_its_index() {
-        let selector: LabelSelector =
-            serde_yaml::from_str("matchExpressions: [{key: a, operator: Exists}, {key: b, operator: Gt, values: ['1']}]")
-                .expect("parses");
+        let selector: LabelSelector = serde_yaml::from_str(
+            "matchExpressions: [{key: a, operator: Exists}, {key: b, operator: Gt, values: ['1']}]",
+        )
+        .expect("parses");
         assert_eq!(
             node_placement(&selector),
-            Err(UnsupportedSelector { index: 1, operator: "Gt".into() })
+            Err(UnsupportedSelector {
+                index: 1,
+                operator: "Gt".into()
+            })
         );
     }
 
@@ -367,6 +492,9 @@ spec:
             "matchLabels: {site: store}\nmatchExpressions:\n- {key: r, operator: In, values: [a, b]}\n- {key: x, operator: NotIn, values: [c]}\n- {key: e, operator: Exists}\n- {key: d, operator: DoesNotExist}",
         )
         .expect("parses");
-        assert_eq!(label_query(&selector), "site=store,r in (a,b),x notin (c),e,!d");
+        assert_eq!(
+            label_query(&selector),
+            "site=store,r in (a,b),x notin (c),e,!d"
+        );
     }
 }

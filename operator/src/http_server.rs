@@ -2,11 +2,11 @@
 //! (the process is alive) and `/readyz` (every controller's cache has synced).
 
 use crate::metrics::Metrics;
+use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -41,7 +41,10 @@ pub fn router(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Router {
 
 async fn render_metrics(State(state): State<ServerState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }
@@ -50,6 +53,9 @@ async fn ready(State(state): State<ServerState>) -> impl IntoResponse {
     if state.readiness.is_ready() {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the controllers' caches to sync")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the controllers' caches to sync",
+        )
     }
 }

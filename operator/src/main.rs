@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "shoal-operator", version, about = "Ships ML models to fleets of edge Kubernetes nodes")]
+#[command(
+    name = "shoal-operator",
+    version,
+    about = "Ships ML models to fleets of edge Kubernetes nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,11 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Directory of the content-addressed artifact store (a PersistentVolume in production).
-    #[arg(long, env = "SHOAL_ARTIFACT_DIR", default_value = "/var/lib/shoal/artifacts")]
+    #[arg(
+        long,
+        env = "SHOAL_ARTIFACT_DIR",
+        default_value = "/var/lib/shoal/artifacts"
+    )]
     artifact_dir: PathBuf,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "SHOAL_METRICS_ADDR", default_value = "127.0.0.1:8080")]
@@ -39,11 +47,12 @@ struct RunArgs {
     #[arg(long, env = "SHOAL_NAMESPACE")]
     namespace: Option<String>,
     /// URL of the operator's agent API as edge agents reach it.
-    #[arg(long, env = "SHOAL_AGENT_API_URL", default_value = "https://shoal-operator.shoal-system.svc:8443")]
+    #[arg(
+        long,
+        env = "SHOAL_AGENT_API_URL",
+        default_value = "https://shoal-operator.shoal-system.svc:8443"
+    )]
     agent_api_url: String,
-    /// ServiceAccount the agent pods run as.
-    #[arg(long, env = "SHOAL_AGENT_SERVICE_ACCOUNT", default_value = "shoal-agent")]
-    agent_service_account: String,
     /// Largest model source accepted, in bytes.
     #[arg(long, env = "SHOAL_MAX_MODEL_BYTES", default_value_t = 1 << 30)]
     max_model_bytes: u64,
@@ -70,8 +79,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
@@ -83,11 +93,15 @@ fn init_logging(format: LogFormat) {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    let client = kube::Client::try_default()
-        .await
-        .context("cannot reach the Kubernetes API: set KUBECONFIG or run in a pod with a ServiceAccount")?;
-    let artifacts = ArtifactStore::open(&args.artifact_dir)
-        .with_context(|| format!("cannot open the artifact store at {}", args.artifact_dir.display()))?;
+    let client = kube::Client::try_default().await.context(
+        "cannot reach the Kubernetes API: set KUBECONFIG or run in a pod with a ServiceAccount",
+    )?;
+    let artifacts = ArtifactStore::open(&args.artifact_dir).with_context(|| {
+        format!(
+            "cannot open the artifact store at {}",
+            args.artifact_dir.display()
+        )
+    })?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(http_server::Readiness::default());
     let ctx = Arc::new(Context {
@@ -98,7 +112,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         backoff: Backoff::default(),
         agent_defaults: AgentDefaults {
             control_plane_url: args.agent_api_url,
-            service_account: args.agent_service_account,
         },
         max_model_bytes: args.max_model_bytes,
     });

@@ -43,7 +43,11 @@ impl Metrics {
             Histogram::new([0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0])
         });
         let artifact_bytes_fetched = Counter::default();
-        registry.register("reconciles", "Reconciliations run, per controller", reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconciliations run, per controller",
+            reconciles.clone(),
+        );
         registry.register(
             "reconcile_errors",
             "Reconciliations that failed, per controller and error kind",
@@ -59,17 +63,27 @@ impl Metrics {
             "Bytes of model sources fetched and stored",
             artifact_bytes_fetched.clone(),
         );
-        Self { registry, reconciles, reconcile_errors, reconcile_seconds, artifact_bytes_fetched }
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_seconds,
+            artifact_bytes_fetched,
+        }
     }
 
     pub fn reconciled(&self, controller: &'static str, took: Duration) {
         let labels = ControllerLabels { controller };
         self.reconciles.get_or_create(&labels).inc();
-        self.reconcile_seconds.get_or_create(&labels).observe(took.as_secs_f64());
+        self.reconcile_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     pub fn reconcile_failed(&self, controller: &'static str, reason: &'static str) {
-        self.reconcile_errors.get_or_create(&ErrorLabels { controller, reason }).inc();
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels { controller, reason })
+            .inc();
     }
 
     pub fn fetched(&self, bytes: u64) {
@@ -97,11 +111,19 @@ mod tests {
         metrics.reconciled("model", Duration::from_millis(20));
         metrics.reconcile_failed("model", "fetch");
         let text = metrics.render();
-        assert!(text.contains("shoal_operator_reconciles_total{controller=\"model\"} 1"), "{text}");
         assert!(
-            text.contains("shoal_operator_reconcile_errors_total{controller=\"model\",reason=\"fetch\"} 1"),
+            text.contains("shoal_operator_reconciles_total{controller=\"model\"} 1"),
             "{text}"
         );
-        assert!(text.contains("shoal_operator_reconcile_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains(
+                "shoal_operator_reconcile_errors_total{controller=\"model\",reason=\"fetch\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("shoal_operator_reconcile_duration_seconds_bucket"),
+            "{text}"
+        );
     }
 }

@@ -35,7 +35,12 @@ pub enum Error {
         "ConfigMap {namespace}/{name} has no binaryData key {key:?} (it has: {available}); \
          put the model file under binaryData.{key} or fix spec.source.configMap.key"
     )]
-    ConfigMapKeyMissing { namespace: String, name: String, key: String, available: String },
+    ConfigMapKeyMissing {
+        namespace: String,
+        name: String,
+        key: String,
+        available: String,
+    },
     #[error("inspecting the model was interrupted: {0}")]
     Interrupted(String),
 }
@@ -54,7 +59,11 @@ impl Error {
 }
 
 /// Runs the Model controller until shutdown. `namespace` limits it to one namespace.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, synced: tokio::sync::oneshot::Sender<()>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    synced: tokio::sync::oneshot::Sender<()>,
+) {
     let models: Api<Model> = match &namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
@@ -68,7 +77,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, synced: tokio::sy
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
     let ready_reader = reader.clone();
-    tokio::spawn(crate::context::signal_when_synced(ready_reader, "model", synced));
+    tokio::spawn(crate::context::signal_when_synced(
+        ready_reader,
+        "model",
+        synced,
+    ));
     Controller::for_stream(stream, reader)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -87,7 +100,8 @@ async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error
 }
 
 fn error_policy(model: Arc<Model>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failed(CONTROLLER, error.metric_label());
+    ctx.metrics
+        .reconcile_failed(CONTROLLER, error.metric_label());
     let delay = ctx.backoff.next_delay(&model_plan::object_key(&model));
     tracing::warn!(model = %model_plan::object_key(&model), %error, retry_in = ?delay, "model reconcile failed");
     Action::requeue(delay)
@@ -95,20 +109,32 @@ fn error_policy(model: Arc<Model>, error: &Error, ctx: Arc<Context>) -> Action {
 
 async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> {
     let key = model_plan::object_key(model);
-    match model_plan::plan(model, |digest| ctx.artifacts.contains(digest).unwrap_or(false)) {
+    match model_plan::plan(model, |digest| {
+        ctx.artifacts.contains(digest).unwrap_or(false)
+    }) {
         Plan::UpToDate => return Ok(Action::requeue(Duration::from_secs(600))),
         Plan::Refuse(refusal) => return refuse(model, ctx, &refusal).await,
         Plan::Fetch => {}
     }
     tracing::info!(model = %key, version = %model.spec.version, "fetching model source");
     let message = format!("fetching version {}", model.spec.version);
-    write_status(model, ctx, &model_plan::progress_status(model, ModelPhase::Fetching, "Fetching", &message, now()))
-        .await?;
+    write_status(
+        model,
+        ctx,
+        &model_plan::progress_status(model, ModelPhase::Fetching, "Fetching", &message, now()),
+    )
+    .await?;
 
     let (bytes, expected_digest) = match fetch_source(model, ctx).await {
         Ok(fetched) => fetched,
         Err(error) => {
-            let status = model_plan::progress_status(model, ModelPhase::Pending, "FetchFailed", &error.to_string(), now());
+            let status = model_plan::progress_status(
+                model,
+                ModelPhase::Pending,
+                "FetchFailed",
+                &error.to_string(),
+                now(),
+            );
             write_status(model, ctx, &status).await?;
             return Err(error);
         }
@@ -128,32 +154,46 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
         return refuse(model, ctx, &refusal).await;
     }
 
-    let versions = model.status.as_ref().map(|s| s.versions.as_slice()).unwrap_or_default();
-    if let VersionBinding::Conflict(refusal) = model_plan::bind_version(versions, &model.spec.version, &source_digest) {
+    let versions = model
+        .status
+        .as_ref()
+        .map(|s| s.versions.as_slice())
+        .unwrap_or_default();
+    if let VersionBinding::Conflict(refusal) =
+        model_plan::bind_version(versions, &model.spec.version, &source_digest)
+    {
         return refuse(model, ctx, &refusal).await;
     }
 
-    // Parsing and optimising a model is CPU-bound: keep it off the async runtime.
-    let (bytes, inspected) = tokio::task::spawn_blocking(move || {
-        let signature = onnx_signature::read_signature(&bytes);
-        (bytes, signature)
-    })
-    .await
-    .map_err(|e| Error::Interrupted(e.to_string()))?;
-    let signature = match inspected {
-        Ok(signature) => signature,
+    // Parsing and optimising a model is CPU-bound and storing it is blocking file
+    // I/O: keep both off the async runtime. Only a loadable model is stored.
+    let artifacts = ctx.artifacts.clone();
+    let expected = source_digest.clone();
+    let outcome =
+        tokio::task::spawn_blocking(move || match onnx_signature::read_signature(&bytes) {
+            Err(invalid) => Ok(Err(invalid)),
+            Ok(signature) => artifacts
+                .put_verified(&bytes, Some(&expected))
+                .map(|stored| Ok((signature, stored))),
+        })
+        .await
+        .map_err(|e| Error::Interrupted(e.to_string()))?
+        .map_err(Error::Store)?;
+    let (signature, stored) = match outcome {
+        Ok(inspected) => inspected,
         Err(invalid) => {
-            let refusal = Refusal { reason: "InvalidModel", message: invalid.to_string() };
+            let refusal = Refusal {
+                reason: "InvalidModel",
+                message: invalid.to_string(),
+            };
             return refuse(model, ctx, &refusal).await;
         }
     };
-
-    let stored = ctx.artifacts.put_verified(&bytes, Some(&source_digest)).map_err(Error::Store)?;
     let entry = ModelVersion {
         version: model.spec.version.clone(),
         source_digest: source_digest.clone(),
         artifact_digest: stored.digest.clone(),
-        source_bytes: bytes.len() as u64,
+        source_bytes: stored.bytes,
         artifact_bytes: stored.bytes,
         compression: CompressionMode::None,
         compression_ratio: 1.0,
@@ -168,14 +208,23 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
 }
 
 fn tensor_spec(tensor: onnx_signature::Tensor) -> TensorSpec {
-    TensorSpec { name: tensor.name, datatype: tensor.datatype, shape: tensor.shape }
+    TensorSpec {
+        name: tensor.name,
+        datatype: tensor.datatype,
+        shape: tensor.shape,
+    }
 }
 
 /// Records a failure that only a change to the Model can fix, then waits for that change.
 async fn refuse(model: &Model, ctx: &Context, refusal: &Refusal) -> Result<Action, Error> {
     tracing::warn!(model = %model_plan::object_key(model), reason = refusal.reason, message = %refusal.message, "model version refused");
     ctx.metrics.reconcile_failed(CONTROLLER, refusal.reason);
-    write_status(model, ctx, &model_plan::failed_status(model, refusal, now())).await?;
+    write_status(
+        model,
+        ctx,
+        &model_plan::failed_status(model, refusal, now()),
+    )
+    .await?;
     Ok(Action::await_change())
 }
 
@@ -188,13 +237,19 @@ async fn fetch_source(model: &Model, ctx: &Context) -> Result<(Vec<u8>, Option<S
     }
     let Some(source) = &model.spec.source.config_map else {
         // The schema admits exactly one source and `plan` refused oci already.
-        return Err(Error::Interrupted("spec.source names no source this operator can fetch".into()));
+        return Err(Error::Interrupted(
+            "spec.source names no source this operator can fetch".into(),
+        ));
     };
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
-    let config_map = config_maps
-        .get_opt(&source.name)
-        .await?
-        .ok_or_else(|| Error::ConfigMapMissing { namespace: namespace.clone(), name: source.name.clone() })?;
+    let config_map =
+        config_maps
+            .get_opt(&source.name)
+            .await?
+            .ok_or_else(|| Error::ConfigMapMissing {
+                namespace: namespace.clone(),
+                name: source.name.clone(),
+            })?;
     let mut binary = config_map.binary_data.unwrap_or_default();
     match binary.remove(&source.key) {
         Some(bytes) => Ok((bytes.0, None)),
@@ -209,10 +264,15 @@ async fn fetch_source(model: &Model, ctx: &Context) -> Result<(Vec<u8>, Option<S
 
 /// Writes the whole status with server-side apply under the operator's field manager.
 async fn write_status(model: &Model, ctx: &Context, status: &ModelStatus) -> Result<(), Error> {
-    let api: Api<Model> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let api: Api<Model> =
+        Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
     let patch = json!({ "apiVersion": "shoal.dev/v1alpha1", "kind": "Model", "status": status });
-    api.patch_status(&model.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
-        .await?;
+    api.patch_status(
+        &model.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     Ok(())
 }
 

@@ -50,13 +50,19 @@ pub fn plan(model: &Model, artifact_in_store: impl Fn(&str) -> bool) -> Plan {
                 .into(),
         });
     }
-    let Some(status) = &model.status else { return Plan::Fetch };
+    let Some(status) = &model.status else {
+        return Plan::Fetch;
+    };
     let ready = status.phase == Some(ModelPhase::Ready)
         && status.observed_generation == model.metadata.generation
         && status.latest_version.as_deref() == Some(model.spec.version.as_str());
     let stored = find_version(&status.versions, &model.spec.version)
         .is_some_and(|entry| artifact_in_store(&entry.artifact_digest));
-    if ready && stored { Plan::UpToDate } else { Plan::Fetch }
+    if ready && stored {
+        Plan::UpToDate
+    } else {
+        Plan::Fetch
+    }
 }
 
 fn mode_name(mode: CompressionMode) -> &'static str {
@@ -80,7 +86,11 @@ pub enum VersionBinding {
 }
 
 /// A version string once Ready is bound to one content digest, forever.
-pub fn bind_version(versions: &[ModelVersion], version: &str, source_digest: &str) -> VersionBinding {
+pub fn bind_version(
+    versions: &[ModelVersion],
+    version: &str,
+    source_digest: &str,
+) -> VersionBinding {
     match find_version(versions, version) {
         None => VersionBinding::New,
         Some(entry) if entry.source_digest == source_digest => VersionBinding::Same,
@@ -103,12 +113,18 @@ pub fn find_version<'a>(versions: &'a [ModelVersion], version: &str) -> Option<&
 /// The history keeps the newest `revisionHistoryLimit` versions, oldest first.
 pub fn ready_status(model: &Model, entry: ModelVersion, now: Time) -> ModelStatus {
     let mut status = model.status.clone().unwrap_or_default();
-    let limit = model.spec.revision_history_limit.unwrap_or(DEFAULT_REVISION_HISTORY_LIMIT).max(1) as usize;
+    let limit = model
+        .spec
+        .revision_history_limit
+        .unwrap_or(DEFAULT_REVISION_HISTORY_LIMIT)
+        .max(1) as usize;
     let message = format!(
         "version {} is Ready: artifact sha256:{} ({} bytes)",
         entry.version, entry.artifact_digest, entry.artifact_bytes
     );
-    status.versions.retain(|existing| existing.version != entry.version);
+    status
+        .versions
+        .retain(|existing| existing.version != entry.version);
     status.latest_version = Some(entry.version.clone());
     status.artifact_digest = Some(entry.artifact_digest.clone());
     status.versions.push(entry);
@@ -118,7 +134,13 @@ pub fn ready_status(model: &Model, entry: ModelVersion, now: Time) -> ModelStatu
     status.observed_generation = model.metadata.generation;
     set_condition(
         &mut status.conditions,
-        ready_condition(ConditionStatus::True, "VersionReady", &message, model.metadata.generation, now),
+        ready_condition(
+            ConditionStatus::True,
+            "VersionReady",
+            &message,
+            model.metadata.generation,
+            now,
+        ),
     );
     status
 }
@@ -131,7 +153,13 @@ pub fn failed_status(model: &Model, refusal: &Refusal, now: Time) -> ModelStatus
     status.observed_generation = model.metadata.generation;
     set_condition(
         &mut status.conditions,
-        ready_condition(ConditionStatus::False, refusal.reason, &refusal.message, model.metadata.generation, now),
+        ready_condition(
+            ConditionStatus::False,
+            refusal.reason,
+            &refusal.message,
+            model.metadata.generation,
+            now,
+        ),
     );
     status
 }
@@ -149,7 +177,13 @@ pub fn progress_status(
     status.phase = Some(phase);
     set_condition(
         &mut status.conditions,
-        ready_condition(ConditionStatus::False, reason, message, model.metadata.generation, now),
+        ready_condition(
+            ConditionStatus::False,
+            reason,
+            message,
+            model.metadata.generation,
+            now,
+        ),
     );
     status
 }
@@ -166,7 +200,11 @@ fn ready_condition(
 
 /// `namespace/name`, the key for backoff and logs.
 pub fn object_key(model: &Model) -> String {
-    format!("{}/{}", model.namespace().unwrap_or_default(), model.name_any())
+    format!(
+        "{}/{}",
+        model.namespace().unwrap_or_default(),
+        model.name_any()
+    )
 }
 
 #[cfg(test)]
@@ -230,9 +268,15 @@ spec:
     fn compression_other_than_none_is_refused_with_what_to_do() {
         let mut m = model(BASE);
         m.spec.compression = Some(serde_json::from_str(r#"{"mode":"int8"}"#).expect("parses"));
-        let Plan::Refuse(refusal) = plan(&m, |_| true) else { panic!("expected a refusal") };
+        let Plan::Refuse(refusal) = plan(&m, |_| true) else {
+            panic!("expected a refusal")
+        };
         assert_eq!(refusal.reason, "CompressionNotSupported");
-        assert!(refusal.message.contains("int8") && refusal.message.contains("mode to none"), "{}", refusal.message);
+        assert!(
+            refusal.message.contains("int8") && refusal.message.contains("mode to none"),
+            "{}",
+            refusal.message
+        );
         m.spec.compression = Some(serde_json::from_str(r#"{"mode":"none"}"#).expect("parses"));
         assert_eq!(plan(&m, |_| true), Plan::Fetch);
     }
@@ -269,12 +313,22 @@ spec:
         m.status = Some(ready_status(&m, entry("2.0", "aa"), now()));
         m.spec.version = "3.0".into();
         m.metadata.generation = Some(4);
-        let refusal = Refusal { reason: "DigestMismatch", message: "bad".into() };
+        let refusal = Refusal {
+            reason: "DigestMismatch",
+            message: "bad".into(),
+        };
         let status = failed_status(&m, &refusal, now());
         assert_eq!(status.phase, Some(ModelPhase::Failed));
         assert_eq!(status.latest_version.as_deref(), Some("2.0"));
         assert_eq!(status.observed_generation, Some(4));
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready condition");
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "DigestMismatch"));
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready condition");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "DigestMismatch")
+        );
     }
 }
