@@ -9,7 +9,7 @@ KUBE_BIN := $(SHOAL_CACHE)/bin/current
 export KUBECONFIG := $(CURDIR)/target/cluster/kubeconfig
 export PATH := $(KUBE_BIN):$(PATH)
 
-.PHONY: all build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
+.PHONY: all deps build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
         test-models unit-test integration-test clean
 
 all: build
@@ -33,10 +33,18 @@ lint:
 fmt:
 	cargo fmt --all
 
-cluster-build:
+## deps: Debian packages the scripts use, installed only when missing
+deps:
+	@missing=(); for tool in openssl curl; do command -v $$tool >/dev/null || missing+=($$tool); done; \
+	  if (($${#missing[@]})); then echo "Installing $${missing[*]} with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$${missing[@]}"; fi
+	@command -v go >/dev/null || { echo "Go is required (go 1.24 or newer) to build the local control plane" >&2; exit 1; }
+	@python3 -m pip --version >/dev/null || { echo "python3 with pip is required to fetch the test models from PyPI" >&2; exit 1; }
+
+cluster-build: deps
 	tests/cluster/build.sh
 
-cluster-up:
+cluster-up: deps
 	tests/cluster/up.sh
 
 cluster-down:
@@ -55,14 +63,14 @@ integration-test: build cluster-up test-models
 	  cargo test -p shoal-tests -- --test-threads 4
 
 ## test: everything CI runs; starts the local control plane and stops it after
-test: lint crds-check
+test: deps lint crds-check
 	@trap 'tests/cluster/down.sh' EXIT; \
 	  $(MAKE) --no-print-directory test-models && \
 	  SHOAL_TEST_MAGIKA_ONNX=$(SHOAL_CACHE)/models/magika-1.0.3/model.onnx SHOAL_TEST_PPOCR_CLS_ONNX=$(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx cargo test --workspace --lib --bins && \
 	  $(MAKE) --no-print-directory integration-test
 
 ## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
-demo: build test-models
+demo: deps build test-models
 	examples/demo.sh
 
 clean: cluster-down

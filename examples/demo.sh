@@ -72,7 +72,7 @@ done
 echo
 kubectl -n shoal-demo get models,edgepools
 echo
-kubectl -n shoal-demo get model file-type-classifier -o jsonpath='{range .status.versions[*]}version {.version}: sha256:{.artifactDigest} ({.artifactBytes} bytes), inputs {.inputs}, outputs {.outputs}{"\n"}{end}'
+kubectl -n shoal-demo get model file-type-classifier -o jsonpath='{range .status.versions[*]}version {.version}: {.artifactDigest} ({.artifactBytes} bytes), inputs {.inputs}, outputs {.outputs}{"\n"}{end}'
 cat <<DONE
 
 Shoal is running. Poke at it:

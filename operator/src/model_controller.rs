@@ -140,14 +140,14 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
         }
     };
     ctx.metrics.fetched(bytes.len() as u64);
-    let source_digest = crate::artifact_store::sha256_hex(&bytes);
+    let source_hex = crate::artifact_store::sha256_hex(&bytes);
     if let Some(expected) = &expected_digest
-        && *expected != source_digest
+        && *expected != source_hex
     {
         let refusal = Refusal {
             reason: "DigestMismatch",
             message: format!(
-                "the source's sha256 is {source_digest} but spec.source.http.sha256 says {expected}; \
+                "the source's sha256 is {source_hex} but spec.source.http.sha256 says {expected}; \
                  nothing was stored. Fix the sha256 or the URL"
             ),
         };
@@ -168,7 +168,7 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
     // Parsing and optimising a model is CPU-bound and storing it is blocking file
     // I/O: keep both off the async runtime. Only a loadable model is stored.
     let artifacts = ctx.artifacts.clone();
-    let expected = source_digest.clone();
+    let expected = source_hex;
     let outcome =
         tokio::task::spawn_blocking(move || match onnx_signature::read_signature(&bytes) {
             Err(invalid) => Ok(Err(invalid)),
@@ -192,7 +192,7 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
     let entry = ModelVersion {
         version: model.spec.version.clone(),
         source_digest: source_digest.clone(),
-        artifact_digest: stored.digest.clone(),
+        artifact_digest: model_plan::digest_reference(&stored.digest),
         source_bytes: stored.bytes,
         artifact_bytes: stored.bytes,
         compression: CompressionMode::None,

@@ -9,6 +9,17 @@ use shoal_api::{CompressionMode, Model, ModelPhase, ModelStatus, ModelVersion};
 
 pub const DEFAULT_REVISION_HISTORY_LIMIT: u32 = 10;
 
+/// Status carries digests as `sha256:<hex>` (as OCI does); the artifact store keys
+/// blobs by the bare hex.
+pub fn digest_reference(hex: &str) -> String {
+    format!("sha256:{hex}")
+}
+
+/// The bare hex of a `sha256:<hex>` digest reference.
+pub fn digest_hex(reference: &str) -> &str {
+    reference.strip_prefix("sha256:").unwrap_or(reference)
+}
+
 /// What the controller must do with a Model.
 #[derive(Debug, PartialEq)]
 pub enum Plan {
@@ -57,7 +68,7 @@ pub fn plan(model: &Model, artifact_in_store: impl Fn(&str) -> bool) -> Plan {
         && status.observed_generation == model.metadata.generation
         && status.latest_version.as_deref() == Some(model.spec.version.as_str());
     let stored = find_version(&status.versions, &model.spec.version)
-        .is_some_and(|entry| artifact_in_store(&entry.artifact_digest));
+        .is_some_and(|entry| artifact_in_store(digest_hex(&entry.artifact_digest)));
     if ready && stored {
         Plan::UpToDate
     } else {
@@ -97,7 +108,7 @@ pub fn bind_version(
         Some(entry) => VersionBinding::Conflict(Refusal {
             reason: "VersionConflict",
             message: format!(
-                "version {version} is already bound to sha256:{} but the source now has sha256:{source_digest}; \
+                "version {version} is already bound to {} but the source now has {source_digest}; \
                  a published version never changes its bytes: set a new spec.version to publish them",
                 entry.source_digest
             ),
@@ -119,7 +130,7 @@ pub fn ready_status(model: &Model, entry: ModelVersion, now: Time) -> ModelStatu
         .unwrap_or(DEFAULT_REVISION_HISTORY_LIMIT)
         .max(1) as usize;
     let message = format!(
-        "version {} is Ready: artifact sha256:{} ({} bytes)",
+        "version {} is Ready: artifact {} ({} bytes)",
         entry.version, entry.artifact_digest, entry.artifact_bytes
     );
     status
@@ -250,7 +261,7 @@ spec:
     #[test]
     fn ready_model_with_artifact_is_up_to_date_and_refetched_when_store_lost_it() {
         let mut m = model(BASE);
-        m.status = Some(ready_status(&m, entry("2.0", "aa"), now()));
+        m.status = Some(ready_status(&m, entry("2.0", "sha256:aa"), now()));
         assert_eq!(plan(&m, |digest| digest == "aa"), Plan::UpToDate);
         assert_eq!(plan(&m, |_| false), Plan::Fetch);
     }
@@ -283,10 +294,16 @@ spec:
 
     #[test]
     fn version_binding() {
-        let versions = vec![entry("1.0", "aa"), entry("2.0", "bb")];
-        assert_eq!(bind_version(&versions, "3.0", "cc"), VersionBinding::New);
-        assert_eq!(bind_version(&versions, "2.0", "bb"), VersionBinding::Same);
-        let VersionBinding::Conflict(refusal) = bind_version(&versions, "2.0", "cc") else {
+        let versions = vec![entry("1.0", "sha256:aa"), entry("2.0", "sha256:bb")];
+        assert_eq!(
+            bind_version(&versions, "3.0", "sha256:cc"),
+            VersionBinding::New
+        );
+        assert_eq!(
+            bind_version(&versions, "2.0", "sha256:bb"),
+            VersionBinding::Same
+        );
+        let VersionBinding::Conflict(refusal) = bind_version(&versions, "2.0", "sha256:cc") else {
             panic!("expected a conflict")
         };
         assert_eq!(refusal.reason, "VersionConflict");

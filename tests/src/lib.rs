@@ -1,0 +1,597 @@
+//! The harness of Shoal's integration tests: a client for the local control plane
+//! (`make cluster-up`), the CRDs, one namespace and one operator process per test,
+//! and small helpers to wait on objects, serve a model file and make kwok nodes.
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+
+/// Field manager of everything the tests server-side apply.
+pub const FIELD_MANAGER: &str = "shoal-tests";
+/// Annotation kwok looks for (`--manage-nodes-with-annotation-selector`), and the key
+/// of the NoSchedule taint our fake nodes carry.
+pub const KWOK_NODE_KEY: &str = "kwok.x-k8s.io/node";
+/// Label on every node the tests create: `kubectl delete nodes -l shoal.dev/test-node`
+/// removes what a failed run left behind.
+pub const TEST_NODE_LABEL: &str = "shoal.dev/test-node";
+
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+const OPERATOR_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The kubeconfig the tests use: `$KUBECONFIG` (the Makefile points it at the local
+/// control plane), else the one `make cluster-up` writes. Never `~/.kube/config`:
+/// the tests create Nodes and CRDs, which do not belong in somebody's real cluster.
+pub fn kubeconfig_path() -> PathBuf {
+    match std::env::var_os("KUBECONFIG") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => workspace_dir().join("target/cluster/kubeconfig"),
+    }
+}
+
+fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives inside the workspace")
+        .to_path_buf()
+}
+
+/// A client for the local control plane, after checking that it answers.
+pub async fn client() -> anyhow::Result<Client> {
+    let path = kubeconfig_path();
+    let hint = "start the local control plane with `make cluster-up` (it writes target/cluster/kubeconfig)";
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .with_context(|| format!("cannot read the kubeconfig {}; {hint}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("the kubeconfig {} is not usable; {hint}", path.display()))?;
+    let host = config.cluster_url.host().unwrap_or_default().to_string();
+    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]") {
+        bail!(
+            "KUBECONFIG={} points at {}, not a control plane on this machine; the tests create \
+             Nodes and CRDs, so they only run against the local one: {hint}",
+            path.display(),
+            config.cluster_url
+        );
+    }
+    let client = Client::try_from(config).context("cannot build a Kubernetes client")?;
+    match tokio::time::timeout(API_TIMEOUT, client.apiserver_version()).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(err)) => bail!(
+            "the Kubernetes API server in {} does not answer ({err}); {hint}",
+            path.display()
+        ),
+        Err(_) => bail!(
+            "the Kubernetes API server in {} did not answer within {API_TIMEOUT:?}; {hint}",
+            path.display()
+        ),
+    }
+}
+
+static CRDS_INSTALLED: OnceCell<()> = OnceCell::const_new();
+
+/// Server-side applies `shoal_api::crds()` and waits until each is Established.
+/// Idempotent; each test binary does the work once.
+pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    CRDS_INSTALLED
+        .get_or_try_init(|| apply_crds(client))
+        .await?;
+    Ok(())
+}
+
+async fn apply_crds(client: &Client) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for crd in shoal_api::crds() {
+        let name = crd
+            .metadata
+            .name
+            .clone()
+            .context("a CRD from shoal_api::crds() has no name")?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("the API server refused CRD {name}"))?;
+        names.push(name);
+    }
+    for name in names {
+        wait_for(&api, &name, Duration::from_secs(60), |crd| {
+            crd.status
+                .as_ref()
+                .and_then(|status| status.conditions.as_ref())
+                .is_some_and(|conditions| {
+                    conditions
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// A namespace of its own for one test. Call `delete()` at the end; a test that
+/// fails leaves its namespace behind for inspection and says so.
+pub struct TestNamespace {
+    client: Client,
+    name: String,
+    deleted: bool,
+}
+
+impl TestNamespace {
+    /// Creates the namespace `<prefix>-<random suffix>`.
+    pub async fn create(client: &Client, prefix: &str) -> anyhow::Result<TestNamespace> {
+        let name = unique_name(prefix);
+        let namespace = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(BTreeMap::from([(
+                    "shoal.dev/test".to_string(),
+                    "true".to_string(),
+                )])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .with_context(|| format!("cannot create namespace {name}"))?;
+        Ok(TestNamespace {
+            client: client.clone(),
+            name,
+            deleted: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts deleting the namespace (the namespace controller finishes it).
+    pub async fn delete(mut self) -> anyhow::Result<()> {
+        self.deleted = true;
+        Api::<Namespace>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::default())
+            .await
+            .with_context(|| format!("cannot delete namespace {}", self.name))?;
+        Ok(())
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if !self.deleted {
+            eprintln!(
+                "namespace {0} was left for inspection; remove it with `kubectl delete namespace {0}`",
+                self.name
+            );
+        }
+    }
+}
+
+/// `<prefix>-<8 hex digits>`, different on every call.
+pub fn unique_name(prefix: &str) -> String {
+    // RandomState is seeded randomly per process and changes on every call: enough
+    // to keep concurrent tests and repeated runs apart without a rand dependency.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{prefix}-{:08x}", hasher.finish() as u32)
+}
+
+/// A `shoal-operator run` process limited to one namespace, with its own artifact
+/// directory and metrics port. Call `stop()` at the end; if the test ends any other
+/// way (a failed `?` or a panic), dropping it prints the operator's log.
+pub struct Operator {
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+    metrics_url: String,
+    stopped: bool,
+}
+
+impl Operator {
+    /// Spawns `$SHOAL_OPERATOR_BIN run --namespace <namespace> …` and waits until its
+    /// `/readyz` answers 200.
+    pub async fn start(namespace: &str) -> anyhow::Result<Operator> {
+        let binary = operator_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-operator-")
+            .tempdir()?;
+        let artifact_dir = dir.path().join("artifacts");
+        let log = std::fs::File::create(dir.path().join("operator.log"))?;
+        let port = free_port()?;
+        let child = tokio::process::Command::new(&binary)
+            .arg("run")
+            .args(["--namespace", namespace])
+            .arg("--artifact-dir")
+            .arg(&artifact_dir)
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            // Nothing listens there: these tests run no agents.
+            .args(["--agent-api-url", "http://127.0.0.1:1"])
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("RUST_LOG", "info,shoal_operator=debug,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let mut operator = Operator {
+            child,
+            dir,
+            metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+            stopped: false,
+        };
+        operator.wait_ready(port).await?;
+        Ok(operator)
+    }
+
+    async fn wait_ready(&mut self, port: u16) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = Instant::now() + OPERATOR_READY_TIMEOUT;
+        loop {
+            if let Some(exit) = self.child.try_wait()? {
+                bail!(
+                    "shoal-operator exited with {exit} before it was ready; its log:\n{}",
+                    self.logs()
+                );
+            }
+            if let Ok(response) = http.get(&url).send().await
+                && response.status() == reqwest::StatusCode::OK
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "shoal-operator did not answer 200 on {url} within {OPERATOR_READY_TIMEOUT:?}; its log:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The operator's content-addressed artifact store (`<dir>/sha256/<hex>`).
+    pub fn artifact_dir(&self) -> PathBuf {
+        self.dir.path().join("artifacts")
+    }
+
+    /// `http://127.0.0.1:<port>/metrics`.
+    pub fn metrics_url(&self) -> &str {
+        &self.metrics_url
+    }
+
+    /// Everything the operator wrote to stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        let path = self.dir.path().join("operator.log");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| format!("(cannot read {}: {err})", path.display()))
+    }
+
+    /// Kills the operator; the test passed, so its log is not printed.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stopped = true;
+        self.child
+            .kill()
+            .await
+            .context("cannot stop shoal-operator")?;
+        Ok(())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if !self.stopped {
+            eprintln!(
+                "---- shoal-operator log (the test did not finish) ----\n{}---- end of log ----",
+                self.logs()
+            );
+        }
+    }
+}
+
+fn operator_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("SHOAL_OPERATOR_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => workspace_dir().join("target/debug/shoal-operator"),
+    };
+    if !path.is_file() {
+        bail!(
+            "the operator binary {} does not exist; build it with `cargo build -p shoal-operator` \
+             or set SHOAL_OPERATOR_BIN (`make integration-test` does both)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // The port is free when we ask; the operator binds it a moment later. Nothing
+    // else on a test machine races for ephemeral ports that fast.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls `name` until `condition` holds and returns the object. On timeout the error
+/// names the object and shows its last status (or that it never existed).
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    timeout: Duration,
+    condition: impl Fn(&K) -> bool,
+) -> anyhow::Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match api.get_opt(name).await {
+            Ok(Some(object)) if condition(&object) => return Ok(object),
+            Ok(Some(object)) => last_status(&object),
+            Ok(None) => "it does not exist".to_string(),
+            Err(err) => format!("reading it failed: {err}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {}/{name}; last seen: {last}",
+                api.resource_url()
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Polls until `name` no longer exists (deleted by us, or by the garbage collector).
+pub async fn wait_until_gone<K>(api: &Api<K>, name: &str, timeout: Duration) -> anyhow::Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match api.get_opt(name).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(_)) | Err(_) if Instant::now() >= deadline => {
+                bail!(
+                    "timed out after {timeout:?} waiting for {}/{name} to be deleted",
+                    api.resource_url()
+                )
+            }
+            Ok(Some(_)) | Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+fn last_status<K: Serialize>(object: &K) -> String {
+    let value = serde_json::to_value(object).unwrap_or_default();
+    match value.get("status") {
+        Some(status) => serde_json::to_string_pretty(status).unwrap_or_default(),
+        None => "it has no status".to_string(),
+    }
+}
+
+/// Serves `bytes` at `http://127.0.0.1:<port>/model.onnx` until the handle is
+/// aborted or the test's runtime ends. Returns the URL and the server task.
+pub async fn serve_file(bytes: Vec<u8>) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    let body = axum::body::Bytes::from(bytes);
+    let app = axum::Router::new().route(
+        "/model.onnx",
+        axum::routing::get(move || async move { body.clone() }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/model.onnx", listener.local_addr()?);
+    let handle = tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            eprintln!("the test's file server stopped: {err}");
+        }
+    });
+    Ok((url, handle))
+}
+
+/// Creates a Node that kwok manages (it becomes Ready, and pods scheduled on it are
+/// faked as Running): 4 CPUs, 8Gi, 110 pods, the given labels plus
+/// [`TEST_NODE_LABEL`], and a `kwok.x-k8s.io/node=fake:NoSchedule` taint.
+pub async fn create_kwok_node(
+    client: &Client,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> anyhow::Result<Node> {
+    let mut all_labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect();
+    all_labels.insert(TEST_NODE_LABEL.to_string(), "true".to_string());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": all_labels,
+            "annotations": { KWOK_NODE_KEY: "fake" },
+        },
+        "spec": {
+            "taints": [{ "key": KWOK_NODE_KEY, "value": "fake", "effect": "NoSchedule" }],
+        },
+        "status": {
+            "capacity": { "cpu": "4", "memory": "8Gi", "pods": "110" },
+            "allocatable": { "cpu": "4", "memory": "8Gi", "pods": "110" },
+        },
+    }))?;
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .with_context(|| format!("cannot create node {name}"))
+}
+
+/// Deletes the given nodes; ones already gone are fine.
+pub async fn delete_nodes(client: &Client, names: &[String]) -> anyhow::Result<()> {
+    let api = Api::<Node>::all(client.clone());
+    for name in names {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!("cannot delete node {name}; remove leftovers with `kubectl delete nodes -l {TEST_NODE_LABEL}`")
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Lowercase hex SHA-256 of `bytes`, as `sha256sum` prints it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The magika 1.0.3 file-type classifier (3 MB; input `bytes` int32 [N, 2048],
+/// output `target_label` float [N, 214]) from `$SHOAL_TEST_MAGIKA_ONNX`.
+pub fn magika_onnx() -> anyhow::Result<Vec<u8>> {
+    read_test_model("SHOAL_TEST_MAGIKA_ONNX", "magika-1.0.3/model.onnx")
+}
+
+/// PP-OCR mobile v2.0 text-direction classifier from rapidocr-onnxruntime 1.4.4
+/// (585 KB, small enough for a ConfigMap, whose data is limited to 1 MiB; input `x`
+/// float [N, 3, H, W], output float [N, 2]) from `$SHOAL_TEST_PPOCR_CLS_ONNX`.
+pub fn ppocr_cls_onnx() -> anyhow::Result<Vec<u8>> {
+    read_test_model(
+        "SHOAL_TEST_PPOCR_CLS_ONNX",
+        "rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    )
+}
+
+/// Reads a model from `$variable`, else from where `make test-models` caches it.
+fn read_test_model(variable: &str, cached: &str) -> anyhow::Result<Vec<u8>> {
+    let path = match std::env::var_os(variable) {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => {
+            let cache = match std::env::var_os("SHOAL_CACHE") {
+                Some(cache) if !cache.is_empty() => PathBuf::from(cache),
+                _ => {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/shoal")
+                }
+            };
+            cache.join("models").join(cached)
+        }
+    };
+    std::fs::read(&path).with_context(|| {
+        format!("cannot read the test model {} (set {variable}); fetch the models with `make test-models`", path.display())
+    })
+}
+
+/// A tiny ONNX model written byte by byte (protobuf), for the ConfigMap tests: a
+/// ConfigMap holds at most 1 MiB, less than the real models we test with. It is a
+/// linear scorer: `tokens` int32 [batch, 4] → Cast to float → MatMul with a 4×3
+/// weight → `scores` float [batch, 3], opset 13.
+pub fn tiny_onnx_model() -> Vec<u8> {
+    let dim_param = |name: &str| message(&[bytes_field(2, name.as_bytes())]);
+    let dim_value = |value: u64| message(&[varint_field(1, value)]);
+    let value_info = |name: &str, elem_type: u64, dims: &[Vec<u8>]| {
+        let shape: Vec<Vec<u8>> = dims.iter().map(|dim| bytes_field(1, dim)).collect();
+        let tensor_type = message(&[varint_field(1, elem_type), bytes_field(2, &message(&shape))]);
+        let type_proto = message(&[bytes_field(1, &tensor_type)]);
+        message(&[bytes_field(1, name.as_bytes()), bytes_field(2, &type_proto)])
+    };
+    const FLOAT: u64 = 1;
+    const INT32: u64 = 6;
+
+    // Cast(to = FLOAT): AttributeProto {name: 1, i: 3, type: 20 (INT = 2)}.
+    let to_float = message(&[
+        bytes_field(1, b"to"),
+        varint_field(3, FLOAT),
+        varint_field(20, 2),
+    ]);
+    let cast = message(&[
+        bytes_field(1, b"tokens"),
+        bytes_field(2, b"tokens_f"),
+        bytes_field(3, b"cast"),
+        bytes_field(4, b"Cast"),
+        bytes_field(5, &to_float),
+    ]);
+    let matmul = message(&[
+        bytes_field(1, b"tokens_f"),
+        bytes_field(1, b"weight"),
+        bytes_field(2, b"scores"),
+        bytes_field(3, b"score"),
+        bytes_field(4, b"MatMul"),
+    ]);
+    // TensorProto {dims: 1, data_type: 2, name: 8, raw_data: 9 (little-endian floats)}.
+    let weights: Vec<u8> = (0..12u8)
+        .flat_map(|i| (f32::from(i) / 10.0).to_le_bytes())
+        .collect();
+    let weight = message(&[
+        varint_field(1, 4),
+        varint_field(1, 3),
+        varint_field(2, FLOAT),
+        bytes_field(8, b"weight"),
+        bytes_field(9, &weights),
+    ]);
+    // GraphProto {node: 1, name: 2, initializer: 5, input: 11, output: 12}.
+    let graph = message(&[
+        bytes_field(1, &cast),
+        bytes_field(1, &matmul),
+        bytes_field(2, b"tiny-scorer"),
+        bytes_field(5, &weight),
+        bytes_field(
+            11,
+            &value_info("tokens", INT32, &[dim_param("batch"), dim_value(4)]),
+        ),
+        bytes_field(
+            12,
+            &value_info("scores", FLOAT, &[dim_param("batch"), dim_value(3)]),
+        ),
+    ]);
+    // ModelProto {ir_version: 1, producer_name: 2, graph: 7, opset_import: 8 {version: 2}}.
+    message(&[
+        varint_field(1, 8),
+        bytes_field(2, b"shoal-tests"),
+        bytes_field(7, &graph),
+        bytes_field(8, &message(&[varint_field(2, 13)])),
+    ])
+}
+
+fn message(fields: &[Vec<u8>]) -> Vec<u8> {
+    fields.concat()
+}
+
+fn varint_field(number: u64, value: u64) -> Vec<u8> {
+    let mut out = varint(number << 3);
+    out.extend(varint(value));
+    out
+}
+
+fn bytes_field(number: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = varint((number << 3) | 2);
+    out.extend(varint(value.len() as u64));
+    out.extend_from_slice(value);
+    out
+}
+
+fn varint(mut value: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while value >= 0x80 {
+        out.push((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+    out
+}

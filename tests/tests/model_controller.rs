@@ -1,0 +1,449 @@
+//! The Model controller against the real API server: a version becomes Ready from a
+//! ConfigMap (a tiny hand-written ONNX model) or an http URL (the real magika model)
+//! and is stored by digest; a wrong digest, a rebound version, a non-ONNX file and
+//! int8 compression fail with the reason a person needs.
+
+use anyhow::{Context as _, ensure};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use shoal_api::{Model, ModelPhase, TensorSpec};
+use shoal_tests::{
+    Operator, TestNamespace, client, install_crds, magika_onnx, ppocr_cls_onnx, serve_file,
+    sha256_hex, tiny_onnx_model,
+};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// One test's namespace, operator and APIs.
+struct Setup {
+    namespace: TestNamespace,
+    operator: Operator,
+    models: Api<Model>,
+    config_maps: Api<ConfigMap>,
+}
+
+impl Setup {
+    async fn start(prefix: &str) -> anyhow::Result<Setup> {
+        let client: Client = client().await?;
+        install_crds(&client).await?;
+        let namespace = TestNamespace::create(&client, prefix).await?;
+        let operator = Operator::start(namespace.name()).await?;
+        Ok(Setup {
+            models: Api::namespaced(client.clone(), namespace.name()),
+            config_maps: Api::namespaced(client, namespace.name()),
+            namespace,
+            operator,
+        })
+    }
+
+    /// The test passed: stop the operator quietly and delete the namespace.
+    async fn finish(self) -> anyhow::Result<()> {
+        self.operator.stop().await?;
+        self.namespace.delete().await
+    }
+
+    async fn create_config_map(&self, name: &str, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let config_map = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            binary_data: Some(BTreeMap::from([(
+                key.to_string(),
+                ByteString(bytes.to_vec()),
+            )])),
+            ..Default::default()
+        };
+        self.config_maps
+            .create(&PostParams::default(), &config_map)
+            .await?;
+        Ok(())
+    }
+
+    async fn create_model(&self, spec: serde_json::Value) -> anyhow::Result<Model> {
+        let model: Model = serde_json::from_value(json!({
+            "apiVersion": "shoal.dev/v1alpha1",
+            "kind": "Model",
+            "metadata": { "name": "model" },
+            "spec": spec,
+        }))?;
+        Ok(self.models.create(&PostParams::default(), &model).await?)
+    }
+
+    async fn wait_ready(&self, version: &str) -> anyhow::Result<Model> {
+        shoal_tests::wait_for(&self.models, "model", WAIT, |model| {
+            model.status.as_ref().is_some_and(|status| {
+                status.phase == Some(ModelPhase::Ready)
+                    && status.latest_version.as_deref() == Some(version)
+            })
+        })
+        .await
+    }
+
+    /// Waits for phase Failed with a Ready=False condition of `reason`; returns the model
+    /// and that condition.
+    async fn wait_failed(&self, reason: &str) -> anyhow::Result<(Model, Condition)> {
+        let model = shoal_tests::wait_for(&self.models, "model", WAIT, |model| {
+            model
+                .status
+                .as_ref()
+                .is_some_and(|status| status.phase == Some(ModelPhase::Failed))
+                && ready_condition(model).is_some_and(|c| c.status == "False" && c.reason == reason)
+        })
+        .await?;
+        let condition = ready_condition(&model)
+            .cloned()
+            .context("the Ready condition")?;
+        Ok((model, condition))
+    }
+
+    /// Digests of the blobs in the operator's artifact store.
+    fn stored_artifacts(&self) -> anyhow::Result<Vec<String>> {
+        let dir = self.operator.artifact_dir().join("sha256");
+        let mut names = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
+    }
+}
+
+fn ready_condition(model: &Model) -> Option<&Condition> {
+    model
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+}
+
+/// How `status.versions[].sourceDigest`/`artifactDigest` and `status.artifactDigest`
+/// write a digest: "sha256:<hex>", as their doc comments in the api crate say.
+fn digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(bytes))
+}
+
+fn tensor(name: &str, datatype: &str, shape: &[i64]) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape: shape.to_vec(),
+    }
+}
+
+/// Checks the Ready model's status against the bytes it was made from, and that
+/// the operator stored exactly those bytes at `<artifact dir>/sha256/<hex>`.
+fn assert_published(
+    model: &Model,
+    version: &str,
+    bytes: &[u8],
+    artifact_dir: &Path,
+) -> anyhow::Result<()> {
+    let status = model
+        .status
+        .as_ref()
+        .context("a Ready model has a status")?;
+    ensure!(
+        status.observed_generation == model.metadata.generation,
+        "status.observedGeneration {:?} != metadata.generation {:?}",
+        status.observed_generation,
+        model.metadata.generation
+    );
+    ensure!(
+        status.artifact_digest.as_deref() == Some(digest(bytes).as_str()),
+        "status.artifactDigest is {:?}, expected {}",
+        status.artifact_digest,
+        digest(bytes)
+    );
+    let entry = status
+        .versions
+        .iter()
+        .find(|entry| entry.version == version)
+        .with_context(|| {
+            format!(
+                "status.versions has no entry for {version}: {:?}",
+                status.versions
+            )
+        })?;
+    ensure!(
+        entry.source_digest == digest(bytes),
+        "sourceDigest is {}, expected {}",
+        entry.source_digest,
+        digest(bytes)
+    );
+    ensure!(
+        entry.artifact_digest == digest(bytes),
+        "artifactDigest is {}, expected {}",
+        entry.artifact_digest,
+        digest(bytes)
+    );
+    ensure!(
+        entry.source_bytes == bytes.len() as u64,
+        "sourceBytes is {}, the file has {}",
+        entry.source_bytes,
+        bytes.len()
+    );
+    ensure!(
+        entry.artifact_bytes == bytes.len() as u64,
+        "artifactBytes is {}, the file has {}",
+        entry.artifact_bytes,
+        bytes.len()
+    );
+    let ready = ready_condition(model).context("a Ready condition")?;
+    ensure!(
+        ready.status == "True" && ready.reason == "VersionReady",
+        "the Ready condition is {ready:?}"
+    );
+
+    let path = artifact_dir.join("sha256").join(sha256_hex(bytes));
+    let stored = std::fs::read(&path)
+        .with_context(|| format!("the artifact {} should exist", path.display()))?;
+    ensure!(
+        stored == bytes,
+        "{} does not hold the model's bytes",
+        path.display()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn model_from_a_config_map_becomes_ready() -> anyhow::Result<()> {
+    let setup = Setup::start("model-configmap").await?;
+    let onnx = tiny_onnx_model();
+    setup
+        .create_config_map("scorer", "model.onnx", &onnx)
+        .await?;
+    setup
+        .create_model(json!({
+            "version": "1.0",
+            "source": { "configMap": { "name": "scorer", "key": "model.onnx" } },
+        }))
+        .await?;
+
+    let model = setup.wait_ready("1.0").await?;
+    assert_published(&model, "1.0", &onnx, &setup.operator.artifact_dir())?;
+    let entry = &model.status.as_ref().context("status")?.versions[0];
+    assert_eq!(entry.inputs, [tensor("tokens", "INT32", &[-1, 4])]);
+    assert_eq!(entry.outputs, [tensor("scores", "FP32", &[-1, 3])]);
+
+    setup.finish().await
+}
+
+/// A real model small enough for a ConfigMap: PP-OCR's text-direction classifier.
+/// It declares its input as x float [-1, 3, ?, ?], height and width dynamic and
+/// unnamed, as many real exports do; onnxruntime serves it, and so must Shoal.
+#[tokio::test]
+async fn real_model_with_unnamed_dynamic_dims_becomes_ready() -> anyhow::Result<()> {
+    let setup = Setup::start("model-ppocr").await?;
+    let onnx = ppocr_cls_onnx()?;
+    setup
+        .create_config_map("ppocr-cls", "model.onnx", &onnx)
+        .await?;
+    setup
+        .create_model(json!({
+            "version": "2.0",
+            "source": { "configMap": { "name": "ppocr-cls", "key": "model.onnx" } },
+        }))
+        .await?;
+
+    let model = setup.wait_ready("2.0").await?;
+    assert_published(&model, "2.0", &onnx, &setup.operator.artifact_dir())?;
+    let entry = &model.status.as_ref().context("status")?.versions[0];
+    assert_eq!(entry.inputs, [tensor("x", "FP32", &[-1, 3, -1, -1])]);
+    assert_eq!(
+        entry.outputs,
+        [tensor("save_infer_model/scale_0.tmp_1", "FP32", &[-1, 2])]
+    );
+
+    setup.finish().await
+}
+
+#[tokio::test]
+async fn model_from_an_http_url_becomes_ready() -> anyhow::Result<()> {
+    let setup = Setup::start("model-http").await?;
+    let onnx = magika_onnx()?;
+    let (url, server) = serve_file(onnx.clone()).await?;
+    setup
+        .create_model(json!({
+            "version": "1.0.3",
+            "source": { "http": { "url": url, "sha256": sha256_hex(&onnx) } },
+        }))
+        .await?;
+
+    let model = setup.wait_ready("1.0.3").await?;
+    assert_published(&model, "1.0.3", &onnx, &setup.operator.artifact_dir())?;
+    let entry = &model.status.as_ref().context("status")?.versions[0];
+    // magika's graph declares bytes int32 [unk__214, 2048] -> target_label float [unk__215, 214].
+    assert_eq!(entry.inputs, [tensor("bytes", "INT32", &[-1, 2048])]);
+    assert_eq!(entry.outputs, [tensor("target_label", "FP32", &[-1, 214])]);
+
+    server.abort();
+    setup.finish().await
+}
+
+#[tokio::test]
+async fn wrong_sha256_fails_with_digest_mismatch_and_stores_nothing() -> anyhow::Result<()> {
+    let setup = Setup::start("model-digest").await?;
+    let onnx = tiny_onnx_model();
+    let (url, server) = serve_file(onnx.clone()).await?;
+    let declared = sha256_hex(b"some other file");
+    setup
+        .create_model(json!({
+            "version": "1.0",
+            "source": { "http": { "url": url, "sha256": declared } },
+        }))
+        .await?;
+
+    let (model, condition) = setup.wait_failed("DigestMismatch").await?;
+    ensure!(
+        condition.message.contains(&sha256_hex(&onnx)) && condition.message.contains(&declared),
+        "the message should show both digests: {}",
+        condition.message
+    );
+    let status = model.status.as_ref().context("status")?;
+    ensure!(
+        status.latest_version.is_none(),
+        "no version may be Ready: {status:?}"
+    );
+    ensure!(
+        status.versions.is_empty(),
+        "no version may be recorded: {status:?}"
+    );
+    let stored = setup.stored_artifacts()?;
+    ensure!(
+        stored.is_empty(),
+        "the artifact store must stay empty after a digest mismatch; it holds {stored:?}"
+    );
+
+    server.abort();
+    setup.finish().await
+}
+
+#[tokio::test]
+async fn same_version_with_other_bytes_is_a_version_conflict() -> anyhow::Result<()> {
+    let setup = Setup::start("model-conflict").await?;
+    let original = tiny_onnx_model();
+    setup
+        .create_config_map("scorer", "model.onnx", &original)
+        .await?;
+    setup
+        .create_model(json!({
+            "version": "1.0",
+            "source": { "configMap": { "name": "scorer", "key": "model.onnx" } },
+        }))
+        .await?;
+    setup.wait_ready("1.0").await?;
+
+    // A "retrained" model: the same graph with a new ModelProto.doc_string (field 6,
+    // appended; protobuf keeps the last value), so still valid ONNX, with other bytes.
+    let mut retrained = original.clone();
+    retrained.extend_from_slice(&[0x32, 9]);
+    retrained.extend_from_slice(b"retrained");
+    let patch = json!({ "binaryData": { "model.onnx": ByteString(retrained.clone()) } });
+    setup
+        .config_maps
+        .patch("scorer", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    // The controller acts on spec changes; touch one that leaves the version alone.
+    let touch = json!({ "spec": { "revisionHistoryLimit": 5 } });
+    setup
+        .models
+        .patch("model", &PatchParams::default(), &Patch::Merge(&touch))
+        .await?;
+
+    let (model, condition) = setup.wait_failed("VersionConflict").await?;
+    ensure!(
+        condition.message.contains(&sha256_hex(&original))
+            && condition.message.contains(&sha256_hex(&retrained)),
+        "the message should show the bound and the new digest: {}",
+        condition.message
+    );
+    let status = model.status.as_ref().context("status")?;
+    ensure!(
+        status.latest_version.as_deref() == Some("1.0"),
+        "latestVersion must stay 1.0: {status:?}"
+    );
+    ensure!(
+        status.artifact_digest.as_deref() == Some(digest(&original).as_str()),
+        "artifactDigest must stay the original's: {status:?}"
+    );
+    ensure!(
+        status.versions.len() == 1 && status.versions[0].source_digest == digest(&original),
+        "version 1.0 must stay bound to the original bytes: {:?}",
+        status.versions
+    );
+    let stored = setup.stored_artifacts()?;
+    ensure!(
+        stored == [sha256_hex(&original)],
+        "only the original may be stored; the store holds {stored:?}"
+    );
+
+    setup.finish().await
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_onnx_fails_with_invalid_model() -> anyhow::Result<()> {
+    let setup = Setup::start("model-invalid").await?;
+    let not_onnx = b"this is a text file, not an ONNX model\n".repeat(100);
+    setup
+        .create_config_map("notes", "model.onnx", &not_onnx)
+        .await?;
+    setup
+        .create_model(json!({
+            "version": "1.0",
+            "source": { "configMap": { "name": "notes", "key": "model.onnx" } },
+        }))
+        .await?;
+
+    let (_, condition) = setup.wait_failed("InvalidModel").await?;
+    // The operator's own words, then what tract's protobuf decoder said.
+    ensure!(
+        condition.message.contains("not an ONNX model")
+            && condition
+                .message
+                .contains("failed to decode Protobuf message"),
+        "the message should say the file is not ONNX and give tract's reason: {}",
+        condition.message
+    );
+    let stored = setup.stored_artifacts()?;
+    ensure!(
+        stored.is_empty(),
+        "an invalid model must not be stored; the store holds {stored:?}"
+    );
+
+    setup.finish().await
+}
+
+#[tokio::test]
+async fn int8_compression_is_not_supported_yet() -> anyhow::Result<()> {
+    let setup = Setup::start("model-int8").await?;
+    let onnx = tiny_onnx_model();
+    setup
+        .create_config_map("scorer", "model.onnx", &onnx)
+        .await?;
+    setup
+        .create_model(json!({
+            "version": "1.0",
+            "source": { "configMap": { "name": "scorer", "key": "model.onnx" } },
+            "compression": { "mode": "int8" },
+        }))
+        .await?;
+
+    let (_, condition) = setup.wait_failed("CompressionNotSupported").await?;
+    ensure!(
+        condition.message.contains("int8"),
+        "the message should name the mode: {}",
+        condition.message
+    );
+
+    setup.finish().await
+}
