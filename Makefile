@@ -53,21 +53,22 @@ cluster-down:
 test-models:
 	@tests/models/fetch.sh >/dev/null
 
-unit-test:
-	cargo test --workspace --lib --bins
+# Real third-party models the tests load, fetched from PyPI wheels by test-models.
+export SHOAL_TEST_MAGIKA_ONNX := $(SHOAL_CACHE)/models/magika-1.0.3/model.onnx
+export SHOAL_TEST_PPOCR_CLS_ONNX := $(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx
+export SHOAL_OPERATOR_BIN := $(CURDIR)/target/debug/shoal-operator
+
+## unit-test: everything that needs no cluster (unit tests, api/'s schema tests)
+unit-test: test-models
+	cargo test --workspace --exclude shoal-tests
 
 ## integration-test: tests against the local control plane (started if needed)
 integration-test: build cluster-up test-models
-	SHOAL_TEST_MAGIKA_ONNX=$(SHOAL_CACHE)/models/magika-1.0.3/model.onnx SHOAL_TEST_PPOCR_CLS_ONNX=$(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx \
-	SHOAL_OPERATOR_BIN=$(CURDIR)/target/debug/shoal-operator \
-	  cargo test -p shoal-tests -- --test-threads 4
+	cargo test -p shoal-tests -- --test-threads 4
 
 ## test: everything CI runs; starts the local control plane and stops it after
-test: deps lint crds-check
-	@trap 'tests/cluster/down.sh' EXIT; \
-	  $(MAKE) --no-print-directory test-models && \
-	  SHOAL_TEST_MAGIKA_ONNX=$(SHOAL_CACHE)/models/magika-1.0.3/model.onnx SHOAL_TEST_PPOCR_CLS_ONNX=$(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx cargo test --workspace --lib --bins && \
-	  $(MAKE) --no-print-directory integration-test
+test: deps lint crds-check unit-test
+	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test
 
 ## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
 demo: deps build test-models

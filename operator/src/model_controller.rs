@@ -154,6 +154,7 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
         return refuse(model, ctx, &refusal).await;
     }
 
+    let source_digest = model_plan::digest_reference(&source_hex);
     let versions = model
         .status
         .as_ref()
