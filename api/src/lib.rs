@@ -2,6 +2,7 @@
 //! `EdgePool` and `ModelRollout`, shared by the operator, the agent and the kubectl
 //! plugin. Types and pure helpers only: no I/O.
 
+pub mod agent_protocol;
 pub mod condition;
 pub mod edge_pool;
 pub mod model;
