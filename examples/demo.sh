@@ -42,7 +42,7 @@ stop_pid() { if [[ -f $1 ]]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f 
 stop_pid "$demo/operator.pid"; stop_pid "$demo/model-server.pid"
 kubectl create namespace shoal-demo --dry-run=client -o yaml | kubectl apply -f -
 setsid target/debug/shoal-operator run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
-  --metrics-addr 127.0.0.1:18080 --agent-api-url http://127.0.0.1:18443 \
+  --metrics-addr 127.0.0.1:18080 --agent-api-addr 127.0.0.1:18443 --agent-api-url http://127.0.0.1:18443 \
   >"$demo/operator.log" 2>&1 </dev/null &
 echo $! >"$demo/operator.pid"
 # The model's HTTP source: a plain file server on loopback, as an object store would be.

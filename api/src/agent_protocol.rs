@@ -17,6 +17,12 @@ pub const PREFIX: &str = "/agent/v1";
 pub const TOKEN_AUDIENCE: &str = "shoal";
 /// Longest long-poll wait the operator grants, in seconds.
 pub const MAX_WAIT_SECONDS: u64 = 60;
+/// Largest report body the operator accepts, in bytes; larger ones get 413.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+/// Most entries a report's `models` may hold; more get 400.
+pub const MAX_REPORTED_MODELS: usize = 64;
+/// Most buckets one model's `latencyBuckets` may hold; more get 400.
+pub const MAX_LATENCY_BUCKETS: usize = 64;
 
 /// The assignment path of a node.
 pub fn assignment_path(node: &str) -> String {

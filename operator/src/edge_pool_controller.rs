@@ -1,6 +1,9 @@
 //! The EdgePool controller: server-side applies one agent DaemonSet per pool and
-//! reports how many nodes the pool selects and how many agents are ready.
+//! reports how many nodes the pool selects, how many agents are ready or stale, and
+//! which model versions they serve (from the agents' reports).
 
+use crate::agent_api::fleet::Fleet;
+use crate::agent_api::pool_agents::PoolAgents;
 use crate::context::{Context, FIELD_MANAGER};
 use crate::edge_pool_daemonset::{self, UnsupportedSelector};
 use futures::StreamExt;
@@ -22,6 +25,16 @@ use std::time::{Duration, Instant};
 pub const CONTROLLER: &str = "edgepool";
 /// Node deletions and agent readiness are also picked up by this periodic pass.
 const RESYNC: Duration = Duration::from_secs(60);
+/// Pools whose agent summary changed, waiting for a reconcile; when full, the
+/// fleet pass tries again on its next tick.
+const SUMMARY_TRIGGERS: usize = 1024;
+
+/// What the EdgePool reconciler works with: the shared context, and the fleet's
+/// reports for the agent counts in status.
+pub struct PoolContext {
+    pub ctx: Arc<Context>,
+    pub fleet: Arc<Fleet>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,10 +52,21 @@ impl Error {
 
 pub async fn run(
     ctx: Arc<Context>,
+    fleet: Arc<Fleet>,
     namespace: Option<String>,
     synced: tokio::sync::oneshot::Sender<()>,
 ) {
     let client = ctx.client.clone();
+    // The fleet pass asks for a reconcile when a pool's agent summary changed, so
+    // status follows reports within seconds with at most one write per pool per pass.
+    let (mut trigger, summary_changes) = futures::channel::mpsc::channel(SUMMARY_TRIGGERS);
+    tokio::spawn(fleet.clone().summarize_periodically(
+        ctx.metrics.clone(),
+        move |namespace, pool| {
+            let pool = ObjectRef::<EdgePool>::new(pool).within(namespace);
+            trigger.try_send(pool).is_ok()
+        },
+    ));
     let (pools, daemon_sets): (Api<EdgePool>, Api<DaemonSet>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
@@ -79,8 +103,13 @@ pub async fn run(
                 .map(|pool| ObjectRef::from_obj(pool.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .reconcile_on(summary_changes)
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(PoolContext { ctx, fleet }),
+        )
         .for_each(|_| async {})
         .await;
 }
@@ -93,9 +122,10 @@ fn object_key(pool: &EdgePool) -> String {
     )
 }
 
-async fn reconcile(pool: Arc<EdgePool>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile(pool: Arc<EdgePool>, pool_ctx: Arc<PoolContext>) -> Result<Action, Error> {
+    let ctx = &pool_ctx.ctx;
     let started = Instant::now();
-    let result = reconcile_pool(&pool, &ctx).await;
+    let result = reconcile_pool(&pool, ctx, &pool_ctx.fleet).await;
     ctx.metrics.reconciled(CONTROLLER, started.elapsed());
     if result.is_ok() {
         ctx.backoff.reset(&object_key(&pool));
@@ -103,7 +133,8 @@ async fn reconcile(pool: Arc<EdgePool>, ctx: Arc<Context>) -> Result<Action, Err
     result
 }
 
-fn error_policy(pool: Arc<EdgePool>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(pool: Arc<EdgePool>, error: &Error, pool_ctx: Arc<PoolContext>) -> Action {
+    let ctx = &pool_ctx.ctx;
     ctx.metrics
         .reconcile_failed(CONTROLLER, error.metric_label());
     let delay = ctx.backoff.next_delay(&object_key(&pool));
@@ -111,7 +142,7 @@ fn error_policy(pool: Arc<EdgePool>, error: &Error, ctx: Arc<Context>) -> Action
     Action::requeue(delay)
 }
 
-async fn reconcile_pool(pool: &EdgePool, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_pool(pool: &EdgePool, ctx: &Context, fleet: &Fleet) -> Result<Action, Error> {
     let namespace = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
     let daemon_set = match edge_pool_daemonset::build_daemon_set(pool, &ctx.agent_defaults) {
@@ -144,26 +175,37 @@ async fn reconcile_pool(pool: &EdgePool, ctx: &Context) -> Result<Action, Error>
         .await?
         .items
         .len();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let agents = fleet.pool_summary(&namespace, &name, now);
     let status = pool_status(
         pool,
         &ds_name,
         node_count,
         applied.status.as_ref(),
-        Time(k8s_openapi::jiff::Timestamp::now()),
+        agents.as_ref(),
+        Time(now),
     );
     write_status(pool, ctx, &status).await?;
     Ok(Action::requeue(RESYNC))
 }
 
-/// The pool's status from what the cluster shows: selected nodes and the DaemonSet's counts.
+/// The pool's status from what the cluster shows: selected nodes and the DaemonSet's
+/// counts, and from the agents' reports: stale agents and the versions served.
+/// Without `agents` (the operator has not read the cluster yet) those two stay as
+/// they were.
 pub fn pool_status(
     pool: &EdgePool,
     daemon_set: &str,
     nodes: usize,
     ds_status: Option<&DaemonSetStatus>,
+    agents: Option<&PoolAgents>,
     now: Time,
 ) -> EdgePoolStatus {
     let mut status = pool.status.clone().unwrap_or_default();
+    if let Some(agents) = agents {
+        status.agents_stale = agents.stale;
+        status.versions = agents.versions.clone();
+    }
     let ready = ds_status.map_or(0, |s| s.number_ready);
     let scheduled = ds_status.map_or(0, |s| s.desired_number_scheduled);
     status.nodes = i32::try_from(nodes).unwrap_or(i32::MAX);
@@ -281,6 +323,7 @@ mod tests {
             "shoal-agent-stores",
             3,
             Some(&ds(3, 3)),
+            None,
             Time(k8s_openapi::jiff::Timestamp::now()),
         );
         assert_eq!((status.nodes, status.agents_ready), (3, 3));
@@ -296,6 +339,7 @@ mod tests {
             "ds",
             3,
             Some(&ds(1, 3)),
+            None,
             Time(k8s_openapi::jiff::Timestamp::now()),
         );
         assert_eq!(ready_condition(&status), ("False", "AgentsNotReady"));
@@ -304,9 +348,44 @@ mod tests {
             "ds",
             3,
             None,
+            None,
             Time(k8s_openapi::jiff::Timestamp::now()),
         );
         assert_eq!(ready_condition(&status), ("False", "AgentsNotReady"));
+    }
+
+    #[test]
+    fn agent_reports_fill_stale_and_versions_or_leave_them() {
+        let mut reported = pool();
+        reported.status = Some(EdgePoolStatus {
+            agents_stale: 4,
+            versions: vec![shoal_api::VersionCount {
+                model: "ranker".into(),
+                version: "1".into(),
+                agents: 2,
+            }],
+            ..Default::default()
+        });
+        let agents = PoolAgents {
+            connected: 2,
+            stale: 1,
+            versions: vec![shoal_api::VersionCount {
+                model: "ranker".into(),
+                version: "2".into(),
+                agents: 2,
+            }],
+        };
+        let now = || Time(k8s_openapi::jiff::Timestamp::now());
+        let status = pool_status(&reported, "ds", 3, Some(&ds(3, 3)), Some(&agents), now());
+        assert_eq!(status.agents_stale, 1);
+        assert_eq!(status.versions, agents.versions);
+        assert_eq!(
+            status.agents_ready, 3,
+            "agentsReady stays the DaemonSet's count"
+        );
+        let kept = pool_status(&reported, "ds", 3, Some(&ds(3, 3)), None, now());
+        assert_eq!(kept.agents_stale, 4);
+        assert_eq!(kept.versions[0].version, "1");
     }
 
     #[test]
@@ -316,6 +395,7 @@ mod tests {
             "ds",
             0,
             Some(&ds(0, 0)),
+            None,
             Time(k8s_openapi::jiff::Timestamp::now()),
         );
         assert_eq!(ready_condition(&status), ("False", "NoNodes"));

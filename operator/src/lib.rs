@@ -1,6 +1,7 @@
 //! Shoal's operator as a library: the controllers, the artifact store and the
 //! pieces they share. `main.rs` wires them into the `shoal-operator` binary.
 
+pub mod agent_api;
 pub mod artifact_store;
 pub mod backoff;
 pub mod context;

@@ -2,6 +2,9 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use shoal_operator::agent_api::fleet::Fleet;
+use shoal_operator::agent_api::listener::{AgentApiListener, TlsFiles};
+use shoal_operator::agent_api::{AgentApi, parse_duration_flag};
 use shoal_operator::artifact_store::ArtifactStore;
 use shoal_operator::backoff::Backoff;
 use shoal_operator::context::Context;
@@ -11,6 +14,7 @@ use shoal_operator::{edge_pool_controller, fetch, http_server, model_controller}
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controllers against the cluster in KUBECONFIG (or in-cluster config).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions as YAML (what `kubectl apply -f crds/` installs).
     Crd,
 }
@@ -53,6 +57,19 @@ struct RunArgs {
         default_value = "https://shoal-operator.shoal-system.svc:8443"
     )]
     agent_api_url: String,
+    /// Address the agent API listens on for edge agents. Plain HTTP (no --tls-cert)
+    /// is allowed on loopback addresses only, for local development.
+    #[arg(long, env = "SHOAL_AGENT_API_ADDR", default_value = "127.0.0.1:8443")]
+    agent_api_addr: SocketAddr,
+    /// PEM certificate (chain) the agent API serves HTTPS with; needs --tls-key.
+    #[arg(long, env = "SHOAL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// An agent that has not reported for this long counts as stale (90s, 2m, …).
+    #[arg(long, env = "SHOAL_AGENT_STALE_AFTER", default_value = "90s", value_parser = parse_duration_flag)]
+    agent_stale_after: Duration,
     /// Largest model source accepted, in bytes.
     #[arg(long, env = "SHOAL_MAX_MODEL_BYTES", default_value_t = 1 << 30)]
     max_model_bytes: u64,
@@ -74,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", shoal_api::crds_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     }
 }
 
@@ -104,6 +121,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?;
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(http_server::Readiness::default());
+    let tls = args
+        .tls_cert
+        .zip(args.tls_key)
+        .map(|(cert, key)| TlsFiles { cert, key });
+    let agent_listener = AgentApiListener::bind(args.agent_api_addr, tls.as_ref()).await?;
+    let fleet = Arc::new(Fleet::new(args.agent_stale_after));
+    let agent_api = AgentApi::new(
+        client.clone(),
+        fleet.clone(),
+        artifacts.clone(),
+        metrics.clone(),
+    );
     let ctx = Arc::new(Context {
         client,
         artifacts,
@@ -126,18 +155,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::error!(%error, "metrics server stopped");
         }
     });
+    tracing::info!(addr = %args.agent_api_addr, tls = agent_listener.is_tls(), "agent API listening");
+    tokio::spawn(agent_listener.serve(agent_api.router()));
+    fleet.follow_cluster(ctx.client.clone(), args.namespace.clone());
 
     let (model_synced, model_synced_rx) = tokio::sync::oneshot::channel();
     let (pool_synced, pool_synced_rx) = tokio::sync::oneshot::channel();
+    let view_synced = fleet.clone();
     tokio::spawn(async move {
         if model_synced_rx.await.is_ok() && pool_synced_rx.await.is_ok() {
+            view_synced.cluster.wait_synced().await;
             readiness.set_ready();
             tracing::info!("controllers' caches synced; ready");
         }
     });
     tokio::join!(
         model_controller::run(ctx.clone(), args.namespace.clone(), model_synced),
-        edge_pool_controller::run(ctx.clone(), args.namespace.clone(), pool_synced),
+        edge_pool_controller::run(ctx.clone(), fleet, args.namespace.clone(), pool_synced),
     );
     tracing::info!("shoal-operator stopped");
     Ok(())

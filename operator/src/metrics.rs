@@ -1,13 +1,21 @@
 //! The operator's Prometheus metrics: reconcile counts, durations and errors per
-//! controller, and what the Model controller fetched. Rendered in the text
-//! exposition format on `/metrics`.
+//! controller, what the Model controller fetched, the agent API's requests and the
+//! fleet totals aggregated from agent reports. Rendered as text on `/metrics`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
+
+/// Most distinct {namespace, model, version, pool} series the fleet totals keep.
+/// Model names and versions come from agent reports; this bounds what a
+/// misbehaving agent can do to the operator's memory and to Prometheus.
+pub const MAX_FLEET_SERIES: usize = 10_000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
@@ -20,12 +28,61 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+/// One model version served in one pool, as agents report it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FleetLabels {
+    pub namespace: String,
+    pub model: String,
+    pub version: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentStateLabels {
+    pub namespace: String,
+    pub pool: String,
+    /// `connected` or `stale`.
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentApiLabels {
+    /// `assignment`, `artifact`, `report` or `unmatched`.
+    pub route: &'static str,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenReviewLabels {
+    /// `authenticated`, `rejected` or `error`.
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<ControllerLabels, Counter>,
     reconcile_errors: Family<ErrorLabels, Counter>,
     reconcile_seconds: Family<ControllerLabels, Histogram>,
     artifact_bytes_fetched: Counter,
+    /// Fleet and agent API metrics, named `shoal_fleet_*` and `shoal_agent_api_*`
+    /// (no `shoal_operator_` prefix): they describe the fleet, not this process.
+    fleet_registry: Registry,
+    fleet_requests: Family<FleetLabels, Counter>,
+    fleet_errors: Family<FleetLabels, Counter>,
+    fleet_series: Mutex<HashSet<FleetLabels>>,
+    fleet_agents: Family<AgentStateLabels, Gauge>,
+    agent_api_requests: Family<AgentApiLabels, Counter>,
+    long_polls: Gauge,
+    token_reviews: Family<TokenReviewLabels, Counter>,
+}
+
+/// Counts one long-poll in flight until dropped.
+pub struct LongPollGuard(Gauge);
+
+impl Drop for LongPollGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -63,12 +120,57 @@ impl Metrics {
             "Bytes of model sources fetched and stored",
             artifact_bytes_fetched.clone(),
         );
+        let mut fleet_registry = Registry::default();
+        let fleet_requests = Family::<FleetLabels, Counter>::default();
+        let fleet_errors = Family::<FleetLabels, Counter>::default();
+        let fleet_agents = Family::<AgentStateLabels, Gauge>::default();
+        let agent_api_requests = Family::<AgentApiLabels, Counter>::default();
+        let long_polls = Gauge::default();
+        let token_reviews = Family::<TokenReviewLabels, Counter>::default();
+        fleet_registry.register(
+            "shoal_fleet_requests",
+            "Inference requests edge agents answered, from their reports",
+            fleet_requests.clone(),
+        );
+        fleet_registry.register(
+            "shoal_fleet_errors",
+            "Inference requests edge agents answered with a 5xx status, from their reports",
+            fleet_errors.clone(),
+        );
+        fleet_registry.register(
+            "shoal_fleet_agents",
+            "Agents of each pool that reported within the stale timeout (connected) or not (stale)",
+            fleet_agents.clone(),
+        );
+        fleet_registry.register(
+            "shoal_agent_api_requests",
+            "Requests to the agent API, per route and status code",
+            agent_api_requests.clone(),
+        );
+        fleet_registry.register(
+            "shoal_agent_api_long_polls_in_flight",
+            "Assignment long-polls waiting for a change",
+            long_polls.clone(),
+        );
+        fleet_registry.register(
+            "shoal_agent_api_token_reviews",
+            "TokenReviews the agent API sent to the API server (cache misses), per outcome",
+            token_reviews.clone(),
+        );
         Self {
             registry,
             reconciles,
             reconcile_errors,
             reconcile_seconds,
             artifact_bytes_fetched,
+            fleet_registry,
+            fleet_requests,
+            fleet_errors,
+            fleet_series: Mutex::new(HashSet::new()),
+            fleet_agents,
+            agent_api_requests,
+            long_polls,
+            token_reviews,
         }
     }
 
@@ -90,14 +192,79 @@ impl Metrics {
         self.artifact_bytes_fetched.inc_by(bytes);
     }
 
+    /// Adds what agents served since their last report to the fleet totals. Returns
+    /// false when the series is new and the limit of [`MAX_FLEET_SERIES`] is reached.
+    pub fn fleet_served(&self, labels: FleetLabels, requests: u64, errors: u64) -> bool {
+        {
+            let mut series = self
+                .fleet_series
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if !series.contains(&labels) {
+                if series.len() >= MAX_FLEET_SERIES {
+                    return false;
+                }
+                series.insert(labels.clone());
+            }
+        }
+        self.fleet_requests.get_or_create(&labels).inc_by(requests);
+        self.fleet_errors.get_or_create(&labels).inc_by(errors);
+        true
+    }
+
+    pub fn set_fleet_agents(&self, namespace: &str, pool: &str, connected: i32, stale: i32) {
+        for (state, count) in [("connected", connected), ("stale", stale)] {
+            self.fleet_agents
+                .get_or_create(&agent_state_labels(namespace, pool, state))
+                .set(i64::from(count));
+        }
+    }
+
+    /// Drops the gauges of a pool that no longer exists.
+    pub fn forget_fleet_agents(&self, namespace: &str, pool: &str) {
+        for state in ["connected", "stale"] {
+            self.fleet_agents
+                .remove(&agent_state_labels(namespace, pool, state));
+        }
+    }
+
+    pub fn agent_api_request(&self, route: &'static str, code: u16) {
+        self.agent_api_requests
+            .get_or_create(&AgentApiLabels { route, code })
+            .inc();
+    }
+
+    pub fn long_poll_started(&self) -> LongPollGuard {
+        self.long_polls.inc();
+        LongPollGuard(self.long_polls.clone())
+    }
+
+    pub fn token_reviewed(&self, outcome: &'static str) {
+        self.token_reviews
+            .get_or_create(&TokenReviewLabels { outcome })
+            .inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut text = String::new();
         // Encoding into a String cannot fail; an error here would be a bug in the library.
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+        let encoded = encode_registry(&mut text, &self.registry)
+            .and_then(|()| encode_registry(&mut text, &self.fleet_registry))
+            .and_then(|()| encode_eof(&mut text));
+        if encoded.is_err() {
             text.clear();
         }
         text
+    }
+}
+
+fn agent_state_labels(namespace: &str, pool: &str, state: &'static str) -> AgentStateLabels {
+    AgentStateLabels {
+        namespace: namespace.to_string(),
+        pool: pool.to_string(),
+        state,
     }
 }
 
@@ -124,6 +291,61 @@ mod tests {
         assert!(
             text.contains("shoal_operator_reconcile_duration_seconds_bucket"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_fleet_metrics_without_the_operator_prefix() {
+        let metrics = Metrics::new();
+        let labels = FleetLabels {
+            namespace: "shop".into(),
+            model: "ranker".into(),
+            version: "2.0".into(),
+            pool: "stores".into(),
+        };
+        assert!(metrics.fleet_served(labels.clone(), 10, 1));
+        assert!(metrics.fleet_served(labels, 5, 0));
+        metrics.set_fleet_agents("shop", "stores", 3, 1);
+        metrics.agent_api_request("report", 204);
+        let polling = metrics.long_poll_started();
+        let text = metrics.render();
+        for line in [
+            "shoal_fleet_requests_total{namespace=\"shop\",model=\"ranker\",version=\"2.0\",pool=\"stores\"} 15",
+            "shoal_fleet_errors_total{namespace=\"shop\",model=\"ranker\",version=\"2.0\",pool=\"stores\"} 1",
+            "shoal_fleet_agents{namespace=\"shop\",pool=\"stores\",state=\"stale\"} 1",
+            "shoal_agent_api_requests_total{route=\"report\",code=\"204\"} 1",
+            "shoal_agent_api_long_polls_in_flight 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        drop(polling);
+        assert!(
+            metrics
+                .render()
+                .contains("shoal_agent_api_long_polls_in_flight 0")
+        );
+        metrics.forget_fleet_agents("shop", "stores");
+        assert!(!metrics.render().contains("shoal_fleet_agents{"));
+    }
+
+    #[test]
+    fn fleet_series_are_bounded() {
+        let metrics = Metrics::new();
+        let labels = |version: usize| FleetLabels {
+            namespace: "shop".into(),
+            model: "m".into(),
+            version: version.to_string(),
+            pool: "p".into(),
+        };
+        for version in 0..MAX_FLEET_SERIES {
+            assert!(metrics.fleet_served(labels(version), 1, 0));
+        }
+        assert!(!metrics.fleet_served(labels(MAX_FLEET_SERIES), 1, 0));
+        assert!(
+            metrics.fleet_served(labels(0), 1, 0),
+            "known series keep counting"
         );
     }
 }

@@ -1,9 +1,11 @@
 //! The harness of Shoal's integration tests: a client for the local control plane
 //! (`make cluster-up`), the CRDs, one namespace and one operator process per test,
-//! and small helpers to wait on objects, serve a model file and make kwok nodes.
+//! and small helpers to wait on objects, serve a model file, make kwok nodes, and
+//! make the tokens and certificates the agent API tests need.
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -196,12 +198,13 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// A `shoal-operator run` process limited to one namespace, with its own artifact
-/// directory and metrics port. Call `stop()` at the end; if the test ends any other
-/// way (a failed `?` or a panic), dropping it prints the operator's log.
+/// directory, metrics port and agent API port. Call `stop()` at the end; if the test
+/// ends any other way (a failed `?` or a panic), dropping it prints the operator's log.
 pub struct Operator {
     child: tokio::process::Child,
     dir: tempfile::TempDir,
     metrics_url: String,
+    agent_api_addr: String,
     stopped: bool,
 }
 
@@ -209,6 +212,12 @@ impl Operator {
     /// Spawns `$SHOAL_OPERATOR_BIN run --namespace <namespace> …` and waits until its
     /// `/readyz` answers 200.
     pub async fn start(namespace: &str) -> anyhow::Result<Operator> {
+        Self::start_with_args(namespace, &[]).await
+    }
+
+    /// [`Operator::start`] with more flags for `shoal-operator run`, such as
+    /// `--agent-stale-after 10s` or `--tls-cert …`.
+    pub async fn start_with_args(namespace: &str, extra_args: &[&str]) -> anyhow::Result<Operator> {
         let binary = operator_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("shoal-operator-")
@@ -216,14 +225,17 @@ impl Operator {
         let artifact_dir = dir.path().join("artifacts");
         let log = std::fs::File::create(dir.path().join("operator.log"))?;
         let port = free_port()?;
+        let agent_api_addr = format!("127.0.0.1:{}", free_port()?);
         let child = tokio::process::Command::new(&binary)
             .arg("run")
             .args(["--namespace", namespace])
             .arg("--artifact-dir")
             .arg(&artifact_dir)
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            // Nothing listens there: these tests run no agents.
-            .args(["--agent-api-url", "http://127.0.0.1:1"])
+            .args(["--agent-api-addr", &agent_api_addr])
+            // What the agent DaemonSet is told; no test runs agents in those pods.
+            .args(["--agent-api-url", &format!("http://{agent_api_addr}")])
+            .args(extra_args)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info,shoal_operator=debug,kube=warn")
             .stdin(Stdio::null())
@@ -236,6 +248,7 @@ impl Operator {
             child,
             dir,
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+            agent_api_addr,
             stopped: false,
         };
         operator.wait_ready(port).await?;
@@ -278,6 +291,23 @@ impl Operator {
     /// `http://127.0.0.1:<port>/metrics`.
     pub fn metrics_url(&self) -> &str {
         &self.metrics_url
+    }
+
+    /// `127.0.0.1:<port>`, where the agent API listens.
+    pub fn agent_api_addr(&self) -> &str {
+        &self.agent_api_addr
+    }
+
+    /// `http://127.0.0.1:<port>`, the agent API without TLS.
+    pub fn agent_api_url(&self) -> String {
+        format!("http://{}", self.agent_api_addr)
+    }
+
+    /// The operator's `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let http = reqwest::Client::builder().timeout(API_TIMEOUT).build()?;
+        let response = http.get(&self.metrics_url).send().await?;
+        Ok(response.error_for_status()?.text().await?)
     }
 
     /// Everything the operator wrote to stdout and stderr so far.
@@ -594,4 +624,148 @@ fn varint(mut value: u64) -> Vec<u8> {
     }
     out.push(value as u8);
     out
+}
+
+/// A token of `service_account` from the TokenRequest API with `audience`, bound to
+/// the pod `pod` — what the kubelet projects into an agent's pod. The API server
+/// adds the pod's node to such a token (`authentication.kubernetes.io/node-name`).
+pub async fn pod_token(
+    client: &Client,
+    namespace: &str,
+    service_account: &str,
+    pod: &str,
+    audience: &str,
+) -> anyhow::Result<String> {
+    let pod_uid = Api::<Pod>::namespaced(client.clone(), namespace)
+        .get(pod)
+        .await
+        .with_context(|| format!("cannot read pod {namespace}/{pod} to bind a token to it"))?
+        .metadata
+        .uid;
+    let bound = BoundObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(pod.into()),
+        uid: pod_uid,
+    };
+    request_token(client, namespace, service_account, audience, Some(bound)).await
+}
+
+/// A token of `service_account` with `audience`, bound to nothing (what
+/// `kubectl create token` makes): valid, but it names no pod and no node.
+pub async fn unbound_token(
+    client: &Client,
+    namespace: &str,
+    service_account: &str,
+    audience: &str,
+) -> anyhow::Result<String> {
+    request_token(client, namespace, service_account, audience, None).await
+}
+
+async fn request_token(
+    client: &Client,
+    namespace: &str,
+    service_account: &str,
+    audience: &str,
+    bound: Option<BoundObjectReference>,
+) -> anyhow::Result<String> {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_string()],
+            bound_object_ref: bound,
+            expiration_seconds: Some(3600),
+        },
+        ..Default::default()
+    };
+    let answer = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await
+        .with_context(|| {
+            format!("the TokenRequest API refused a token for {namespace}/{service_account}")
+        })?;
+    Ok(answer
+        .status
+        .context("the TokenRequest answer has no status")?
+        .token)
+}
+
+/// PEM files of a throwaway CA and a serving certificate it signed for 127.0.0.1
+/// and localhost, made with `openssl` in `dir`.
+pub struct TestCertificate {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes a [`TestCertificate`] in `dir` with the `openssl` command (`make deps`
+/// installs it).
+pub fn serving_certificate(dir: &Path) -> anyhow::Result<TestCertificate> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("cannot run openssl; install it (`make deps`)")?;
+        if !output.status.success() {
+            bail!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=shoal-test-ca",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=shoal-operator",
+    ])?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        "server.crt",
+        "-extfile",
+        "server.ext",
+    ])?;
+    Ok(TestCertificate {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    })
 }

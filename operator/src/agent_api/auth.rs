@@ -1,0 +1,408 @@
+//! Who is calling the agent API. An agent presents the projected ServiceAccount
+//! token its pod mounts (audience `shoal`); the API server vouches for it through a
+//! TokenReview, and the rule in [`authorize`] decides which agent, if any, it is.
+
+use crate::agent_api::reports::Agent;
+use crate::agent_api::token_cache::{ACCEPTED_TTL, CAPACITY, REJECTED_TTL, TokenCache};
+use crate::metrics::Metrics;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use shoal_api::agent_protocol::TOKEN_AUDIENCE;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// The extra the API server adds to pod-bound tokens (Kubernetes 1.30 and later):
+/// the node the pod runs on.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
+/// A pool's agents run as the ServiceAccount `shoal-agent-<pool>`
+/// (`edge_pool_daemonset::daemon_set_name`).
+const AGENT_ACCOUNT_PREFIX: &str = "shoal-agent-";
+const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+/// TokenReviews in flight at once: a fleet that reconnects together (after an
+/// operator restart) must not flood the API server.
+const MAX_CONCURRENT_REVIEWS: usize = 16;
+/// Projected tokens are about 1 KiB; anything this large is not one.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Why a request was refused; each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AuthError {
+    /// 401: no usable token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 403: a valid token, but not of an agent allowed to do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 503: the token could not be checked right now; retry.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What the API server said about a valid token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewedToken {
+    pub username: String,
+    /// The node of the pod the token is bound to; None for tokens not bound to a pod.
+    pub node: Option<String>,
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer_token(header: Option<&str>) -> Result<&str, AuthError> {
+    let missing = || {
+        AuthError::Unauthenticated(format!(
+            "send `Authorization: Bearer <token>` with the projected ServiceAccount token of the agent's pod (audience {TOKEN_AUDIENCE})"
+        ))
+    };
+    let header = header.ok_or_else(missing)?;
+    let (scheme, token) = header.trim().split_once(' ').ok_or_else(missing)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(missing());
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(AuthError::Unauthenticated(format!(
+            "the bearer token is {} bytes; a ServiceAccount token is far smaller",
+            token.len()
+        )));
+    }
+    Ok(token)
+}
+
+/// Reads a TokenReview's answer: the token is valid for audience `shoal`, or 401.
+pub fn reviewed_token(status: Option<&TokenReviewStatus>) -> Result<ReviewedToken, AuthError> {
+    let status = status.ok_or_else(|| {
+        AuthError::Unauthenticated("the API server returned no TokenReview status".into())
+    })?;
+    if status.authenticated != Some(true) {
+        let reason = status.error.as_deref().unwrap_or("the token is not valid");
+        return Err(AuthError::Unauthenticated(format!(
+            "the API server rejected the token ({reason}); agents present a projected ServiceAccount token with audience {TOKEN_AUDIENCE}"
+        )));
+    }
+    let audiences = status.audiences.as_deref().unwrap_or_default();
+    if !audiences.iter().any(|audience| audience == TOKEN_AUDIENCE) {
+        return Err(AuthError::Unauthenticated(format!(
+            "the token is not meant for Shoal: its audiences are {audiences:?}, not {TOKEN_AUDIENCE}"
+        )));
+    }
+    let user = status.user.as_ref();
+    let node = user
+        .and_then(|user| user.extra.as_ref())
+        .and_then(|extra| extra.get(NODE_NAME_EXTRA))
+        .and_then(|values| values.first())
+        .cloned();
+    Ok(ReviewedToken {
+        username: user
+            .and_then(|user| user.username.clone())
+            .unwrap_or_default(),
+        node,
+    })
+}
+
+/// The authorization rule. A caller is the agent of pool `P` in namespace `N` on
+/// node `X` when its token:
+/// 1. belongs to the ServiceAccount `N/shoal-agent-P` (username
+///    `system:serviceaccount:N:shoal-agent-P`), the account the pool's DaemonSet
+///    runs as, and an EdgePool `P` exists in `N` (`pool_exists`);
+/// 2. is bound to a pod on node `X` (the `authentication.kubernetes.io/node-name`
+///    extra), and `X` is the node in the request path, when there is one.
+///
+/// Anything else is 403. Artifact downloads have no node in their path: any agent
+/// may download any stored artifact (digests are not secrets, and the model bytes
+/// are what agents serve anyway).
+pub fn authorize(
+    token: &ReviewedToken,
+    path_node: Option<&str>,
+    pool_exists: impl Fn(&str, &str) -> bool,
+) -> Result<Agent, AuthError> {
+    let not_an_agent = |why: String| {
+        AuthError::Forbidden(format!(
+            "{} is not a Shoal agent: {why}; agents run as the ServiceAccount shoal-agent-<pool> of their EdgePool",
+            token.username
+        ))
+    };
+    let (namespace, account) = token
+        .username
+        .strip_prefix(SERVICE_ACCOUNT_USER_PREFIX)
+        .and_then(|rest| rest.split_once(':'))
+        .ok_or_else(|| not_an_agent("it is not a ServiceAccount".into()))?;
+    let pool = account
+        .strip_prefix(AGENT_ACCOUNT_PREFIX)
+        .filter(|pool| !pool.is_empty())
+        .ok_or_else(|| {
+            not_an_agent(format!(
+                "ServiceAccount {account} is not named shoal-agent-<pool>"
+            ))
+        })?;
+    if !pool_exists(namespace, pool) {
+        return Err(not_an_agent(format!(
+            "there is no EdgePool {pool} in namespace {namespace} that this operator manages"
+        )));
+    }
+    let node = token.node.as_deref().ok_or_else(|| {
+        AuthError::Forbidden(
+            "the token is not bound to a pod on a node; agents present the projected token their pod mounts, not one made with `kubectl create token`".into(),
+        )
+    })?;
+    if let Some(path_node) = path_node
+        && path_node != node
+    {
+        return Err(AuthError::Forbidden(format!(
+            "the token belongs to the agent on node {node}; an agent may act only for its own node, not for {path_node}"
+        )));
+    }
+    Ok(Agent {
+        namespace: namespace.to_string(),
+        pool: pool.to_string(),
+        node: node.to_string(),
+    })
+}
+
+/// Checks tokens with TokenReviews, remembering the verdicts for a short while.
+pub struct TokenReviewer {
+    client: Client,
+    cache: TokenCache<Result<ReviewedToken, AuthError>>,
+    in_flight: Semaphore,
+    metrics: Arc<Metrics>,
+}
+
+impl TokenReviewer {
+    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            cache: TokenCache::new(CAPACITY),
+            in_flight: Semaphore::new(MAX_CONCURRENT_REVIEWS),
+            metrics,
+        }
+    }
+
+    /// What the API server says about `token` (401 when it is not valid for
+    /// audience `shoal`), from the cache when it was asked recently.
+    pub async fn review(&self, token: &str) -> Result<ReviewedToken, AuthError> {
+        if let Some(verdict) = self.cache.get(token, Instant::now()) {
+            return verdict;
+        }
+        let verdict = self.ask_api_server(token).await;
+        let ttl = match &verdict {
+            Ok(_) => Some(ACCEPTED_TTL),
+            Err(AuthError::Unauthenticated(_)) => Some(REJECTED_TTL),
+            // Not the token's fault: ask again next time.
+            Err(_) => None,
+        };
+        if let Some(ttl) = ttl {
+            self.cache.put(token, verdict.clone(), ttl, Instant::now());
+        }
+        verdict
+    }
+
+    async fn ask_api_server(&self, token: &str) -> Result<ReviewedToken, AuthError> {
+        let unavailable = |why: String| {
+            AuthError::Unavailable(format!("cannot check the token right now ({why}); retry"))
+        };
+        let _permit = tokio::time::timeout(TOKEN_REVIEW_TIMEOUT, self.in_flight.acquire())
+            .await
+            .map_err(|_| unavailable("too many token checks are waiting".into()))?
+            .map_err(|_| unavailable("the operator is shutting down".into()))?;
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_string()]),
+            },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let answer = tokio::time::timeout(
+            TOKEN_REVIEW_TIMEOUT,
+            api.create(&PostParams::default(), &review),
+        )
+        .await;
+        let reviewed = match answer {
+            Ok(Ok(reviewed)) => reviewed,
+            Ok(Err(kube::Error::Api(status))) if status.code == 403 => {
+                self.metrics.token_reviewed("error");
+                tracing::error!(
+                    message = %status.message,
+                    "the operator may not create TokenReviews, so no agent can authenticate: grant its ServiceAccount `create` on `tokenreviews` in API group authentication.k8s.io"
+                );
+                return Err(unavailable(
+                    "the operator may not create TokenReviews".into(),
+                ));
+            }
+            Ok(Err(error)) => {
+                self.metrics.token_reviewed("error");
+                tracing::warn!(%error, "TokenReview failed");
+                return Err(unavailable(format!("TokenReview failed: {error}")));
+            }
+            Err(_) => {
+                self.metrics.token_reviewed("error");
+                return Err(unavailable(format!(
+                    "the API server did not answer a TokenReview within {TOKEN_REVIEW_TIMEOUT:?}"
+                )));
+            }
+        };
+        let verdict = reviewed_token(reviewed.status.as_ref());
+        self.metrics.token_reviewed(if verdict.is_ok() {
+            "authenticated"
+        } else {
+            "rejected"
+        });
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::authentication::v1::UserInfo;
+    use std::collections::BTreeMap;
+
+    fn status(
+        authenticated: bool,
+        audiences: &[&str],
+        username: &str,
+        node: Option<&str>,
+    ) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(authenticated),
+            audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+            error: (!authenticated).then(|| "token audiences [\"other\"] is invalid".into()),
+            user: Some(UserInfo {
+                username: Some(username.into()),
+                extra: node.map(|node| {
+                    BTreeMap::from([(NODE_NAME_EXTRA.to_string(), vec![node.to_string()])])
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    const AGENT: &str = "system:serviceaccount:shop:shoal-agent-stores";
+
+    #[test]
+    fn agent_accounts_are_named_like_the_pools_daemon_set() {
+        assert_eq!(
+            crate::edge_pool_daemonset::daemon_set_name("stores"),
+            format!("{AGENT_ACCOUNT_PREFIX}stores")
+        );
+    }
+
+    #[test]
+    fn bearer_header_forms() {
+        assert_eq!(bearer_token(Some("Bearer abc")), Ok("abc"));
+        assert_eq!(bearer_token(Some("bearer  abc ")), Ok("abc"));
+        for bad in [
+            None,
+            Some(""),
+            Some("Bearer"),
+            Some("Bearer "),
+            Some("Basic abc"),
+        ] {
+            assert!(
+                matches!(bearer_token(bad), Err(AuthError::Unauthenticated(_))),
+                "{bad:?}"
+            );
+        }
+        let huge = format!("Bearer {}", "x".repeat(MAX_TOKEN_BYTES + 1));
+        assert!(matches!(
+            bearer_token(Some(&huge)),
+            Err(AuthError::Unauthenticated(_))
+        ));
+    }
+
+    #[test]
+    fn review_answers() {
+        let ok = reviewed_token(Some(&status(true, &["shoal"], AGENT, Some("n1"))));
+        assert_eq!(
+            ok,
+            Ok(ReviewedToken {
+                username: AGENT.into(),
+                node: Some("n1".into())
+            })
+        );
+        let rejected = reviewed_token(Some(&status(false, &[], "", None)));
+        assert!(
+            matches!(&rejected, Err(AuthError::Unauthenticated(m)) if m.contains("audience")),
+            "{rejected:?}"
+        );
+        let other_audience = reviewed_token(Some(&status(true, &["other"], AGENT, Some("n1"))));
+        assert!(matches!(other_audience, Err(AuthError::Unauthenticated(_))));
+        assert!(matches!(
+            reviewed_token(None),
+            Err(AuthError::Unauthenticated(_))
+        ));
+    }
+
+    #[test]
+    fn authorization_table() {
+        let pools = |namespace: &str, pool: &str| namespace == "shop" && pool == "stores";
+        let token = |username: &str, node: Option<&str>| ReviewedToken {
+            username: username.into(),
+            node: node.map(String::from),
+        };
+        let agent = Agent {
+            namespace: "shop".into(),
+            pool: "stores".into(),
+            node: "n1".into(),
+        };
+        assert_eq!(
+            authorize(&token(AGENT, Some("n1")), Some("n1"), pools),
+            Ok(agent.clone())
+        );
+        assert_eq!(authorize(&token(AGENT, Some("n1")), None, pools), Ok(agent));
+        let forbidden = [
+            (
+                "another node's agent",
+                token(AGENT, Some("n2")),
+                Some("n1"),
+                "only for its own node",
+            ),
+            (
+                "token not bound to a pod",
+                token(AGENT, None),
+                Some("n1"),
+                "not bound to a pod",
+            ),
+            (
+                "a user",
+                token("alice", Some("n1")),
+                Some("n1"),
+                "not a ServiceAccount",
+            ),
+            (
+                "another ServiceAccount",
+                token("system:serviceaccount:shop:default", Some("n1")),
+                Some("n1"),
+                "not named shoal-agent-<pool>",
+            ),
+            (
+                "the bare prefix",
+                token("system:serviceaccount:shop:shoal-agent-", Some("n1")),
+                Some("n1"),
+                "not named shoal-agent-<pool>",
+            ),
+            (
+                "an agent account without a pool",
+                token("system:serviceaccount:shop:shoal-agent-gone", Some("n1")),
+                Some("n1"),
+                "no EdgePool gone",
+            ),
+            (
+                "a pool's account in another namespace",
+                token("system:serviceaccount:other:shoal-agent-stores", Some("n1")),
+                Some("n1"),
+                "no EdgePool stores in namespace other",
+            ),
+        ];
+        for (what, token, path_node, says) in forbidden {
+            match authorize(&token, path_node, pools) {
+                Err(AuthError::Forbidden(message)) => {
+                    assert!(message.contains(says), "{what}: {message}")
+                }
+                other => panic!("{what}: expected 403, got {other:?}"),
+            }
+        }
+    }
+}

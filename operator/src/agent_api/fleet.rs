@@ -1,0 +1,105 @@
+//! The fleet as the operator knows it: the cluster view and the agents' latest
+//! reports. A periodic pass turns them into per-pool summaries for the fleet gauges
+//! and asks the EdgePool controller to rewrite a pool's status only when its summary
+//! changed — never one status write per report.
+
+use crate::agent_api::cluster_view::ClusterView;
+use crate::agent_api::pool_agents::{PoolAgents, PoolNode, pool_agents};
+use crate::agent_api::reports::ReportIndex;
+use crate::metrics::Metrics;
+use k8s_openapi::jiff::Timestamp;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often pool summaries are recomputed.
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct Fleet {
+    pub cluster: ClusterView,
+    pub reports: ReportIndex,
+    /// An agent silent for longer than this counts as stale.
+    pub stale_after: Duration,
+    pub started: Timestamp,
+}
+
+impl Fleet {
+    pub fn new(stale_after: Duration) -> Self {
+        let started = Timestamp::now();
+        Self {
+            cluster: ClusterView::new(),
+            reports: ReportIndex::new(started),
+            stale_after,
+            started,
+        }
+    }
+
+    /// Starts the watches that keep the cluster view current, in the background.
+    pub fn follow_cluster(self: &Arc<Self>, client: kube::Client, namespace: Option<String>) {
+        let fleet = self.clone();
+        tokio::spawn(async move { fleet.cluster.run(client, namespace).await });
+    }
+
+    /// The agents of one pool, aggregated; None until the cluster view has synced
+    /// or when the pool is unknown.
+    pub fn pool_summary(&self, namespace: &str, pool: &str, now: Timestamp) -> Option<PoolAgents> {
+        if !self.cluster.is_synced() {
+            return None;
+        }
+        let nodes = self.cluster.pool_nodes(namespace, pool)?;
+        let reports = self.reports.for_pool(namespace, pool);
+        let pool_nodes = nodes.iter().map(|(name, info)| PoolNode {
+            created: info.created,
+            last_report: reports
+                .get(name)
+                .map(|latest| (latest.received, &latest.report)),
+        });
+        Some(pool_agents(pool_nodes, now, self.stale_after, self.started))
+    }
+
+    /// Every [`SUMMARY_INTERVAL`]: forgets reports of agents whose pool or node is
+    /// gone, sets the fleet gauges, and calls `pool_changed(namespace, pool)` for
+    /// each pool whose summary differs from the last pass. Runs until the process ends.
+    pub async fn summarize_periodically(
+        self: Arc<Self>,
+        metrics: Arc<Metrics>,
+        mut pool_changed: impl FnMut(&str, &str) -> bool,
+    ) {
+        let mut last: HashMap<(String, String), PoolAgents> = HashMap::new();
+        let mut interval = tokio::time::interval(SUMMARY_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if !self.cluster.is_synced() {
+                continue;
+            }
+            self.reports.retain(|agent| {
+                self.cluster.has_pool(&agent.namespace, &agent.pool)
+                    && self.cluster.has_node(&agent.node)
+            });
+            let now = Timestamp::now();
+            let mut current = HashMap::new();
+            for (namespace, pool) in self.cluster.pools() {
+                let Some(summary) = self.pool_summary(&namespace, &pool, now) else {
+                    continue;
+                };
+                metrics.set_fleet_agents(&namespace, &pool, summary.connected, summary.stale);
+                let key = (namespace, pool);
+                // Only a pool whose trigger was accepted counts as told: a full
+                // queue is retried on the next pass.
+                let told = last.get(&key) == Some(&summary) || pool_changed(&key.0, &key.1);
+                if told {
+                    current.insert(key, summary);
+                }
+            }
+            for (namespace, pool) in last.keys() {
+                if !current.contains_key(&(namespace.clone(), pool.clone()))
+                    && !self.cluster.has_pool(namespace, pool)
+                {
+                    metrics.forget_fleet_agents(namespace, pool);
+                }
+            }
+            last = current;
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The agent API's listener: HTTPS with rustls when a certificate is configured,
+//! plain HTTP otherwise — and plain HTTP only on a loopback address, for local
+//! development, because agents send their tokens with every request.
+
+use anyhow::{Context as _, bail};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{self, ServerConfig};
+
+/// A client that has not finished its TLS handshake, or sent its request headers,
+/// within this long is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// PEM files of the serving certificate (chain) and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub struct AgentApiListener {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+impl AgentApiListener {
+    /// Binds `addr`, loading the certificate first so a bad one stops the operator
+    /// at start instead of failing every agent's handshake.
+    pub async fn bind(addr: SocketAddr, tls: Option<&TlsFiles>) -> anyhow::Result<Self> {
+        if tls.is_none() && !addr.ip().is_loopback() {
+            bail!(
+                "the agent API would take agents' tokens over plain HTTP on {addr}: give --tls-cert and \
+                 --tls-key, or listen on a loopback address (127.0.0.1) for local development"
+            );
+        }
+        let tls = tls.map(acceptor).transpose()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for agents on {addr}"))?;
+        Ok(Self { listener, tls })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Serves `app` until the process ends.
+    pub async fn serve(self, app: Router) {
+        match self.tls {
+            None => {
+                if let Err(error) = axum::serve(self.listener, app).await {
+                    tracing::error!(%error, "agent API stopped");
+                }
+            }
+            Some(acceptor) => serve_tls(self.listener, acceptor, app).await,
+        }
+    }
+}
+
+async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(%error, "agent API cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake with an agent failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake with an agent timed out");
+                        return;
+                    }
+                };
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "agent connection ended with an error");
+            }
+        });
+    }
+}
+
+/// A TLS acceptor for HTTP/1.1 from PEM files, with rustls' ring provider.
+pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect())
+        .with_context(|| {
+            format!(
+                "cannot read the agent API certificate {} (--tls-cert): it must be a PEM file",
+                files.cert.display()
+            )
+        })?;
+    if certs.is_empty() {
+        bail!(
+            "the agent API certificate {} (--tls-cert) holds no CERTIFICATE block",
+            files.cert.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
+        format!(
+            "cannot read the agent API private key {} (--tls-key): it must be a PEM private key",
+            files.key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("rustls has no safe protocol versions for the ring provider")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context(
+            "the agent API certificate (--tls-cert) and key (--tls-key) do not belong together",
+        )?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,49 @@
+//! `POST /agent/v1/nodes/{node}/report`: takes an agent's report, keeps it as the
+//! agent's latest and adds what is new in its counters to the fleet totals. Pool
+//! status is written later, coalesced (see `fleet`), never per report.
+
+use crate::agent_api::reports::validate_report;
+use crate::agent_api::{AgentApi, ApiError};
+use crate::metrics::FleetLabels;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use k8s_openapi::jiff::Timestamp;
+use shoal_api::agent_protocol::AgentReport;
+
+pub async fn report(
+    State(api): State<AgentApi>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let agent = api.authenticate(&headers, Some(&node)).await?;
+    let report: AgentReport = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!("the body is not an AgentReport in JSON: {error}"))
+    })?;
+    let report = validate_report(report, &node).map_err(ApiError::bad_request)?;
+    let deltas = api
+        .fleet
+        .reports
+        .record(agent.clone(), report, Timestamp::now());
+    for delta in deltas {
+        let labels = FleetLabels {
+            namespace: agent.namespace.clone(),
+            model: delta.model,
+            version: delta.version,
+            pool: agent.pool.clone(),
+        };
+        if !api
+            .metrics
+            .fleet_served(labels, delta.requests, delta.errors)
+        {
+            tracing::warn!(
+                node = %agent.node,
+                pool = %agent.pool,
+                namespace = %agent.namespace,
+                "fleet telemetry holds the most series it may; a new model version's counts are dropped"
+            );
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
