@@ -9,7 +9,7 @@ KUBE_BIN := $(SHOAL_CACHE)/bin/current
 export KUBECONFIG := $(CURDIR)/target/cluster/kubeconfig
 export PATH := $(KUBE_BIN):$(PATH)
 
-.PHONY: all deps build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
+.PHONY: all deps python-env build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
         test-models unit-test integration-test clean
 
 all: build
@@ -53,13 +53,28 @@ cluster-down:
 test-models:
 	@tests/models/fetch.sh >/dev/null
 
+# A Python with onnxruntime, the reference the agent's outputs are checked against
+# (and, later, the KServe peer of the benchmarks). Cached outside the repo by version.
+ONNXRUNTIME_VERSION := 1.32.0
+NUMPY_VERSION := 2.4.6
+PYTHON_ENV := $(SHOAL_CACHE)/python/onnxruntime-$(ONNXRUNTIME_VERSION)-numpy-$(NUMPY_VERSION)
+export SHOAL_PYTHON := $(PYTHON_ENV)/bin/python
+
+python-env: $(SHOAL_PYTHON)
+$(SHOAL_PYTHON):
+	@echo "Creating $(PYTHON_ENV) with onnxruntime $(ONNXRUNTIME_VERSION) from PyPI"
+	python3 -m venv $(PYTHON_ENV).tmp
+	$(PYTHON_ENV).tmp/bin/pip install --quiet --disable-pip-version-check \
+	  onnxruntime==$(ONNXRUNTIME_VERSION) numpy==$(NUMPY_VERSION)
+	rm -rf $(PYTHON_ENV) && mv $(PYTHON_ENV).tmp $(PYTHON_ENV)
+
 # Real third-party models the tests load, fetched from PyPI wheels by test-models.
 export SHOAL_TEST_MAGIKA_ONNX := $(SHOAL_CACHE)/models/magika-1.0.3/model.onnx
 export SHOAL_TEST_PPOCR_CLS_ONNX := $(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx
 export SHOAL_OPERATOR_BIN := $(CURDIR)/target/debug/shoal-operator
 
 ## unit-test: everything that needs no cluster (unit tests, api/'s schema tests)
-unit-test: test-models
+unit-test: test-models python-env
 	cargo test --workspace --exclude shoal-tests
 
 ## integration-test: tests against the local control plane (started if needed)

@@ -1,0 +1,312 @@
+//! The `shoal-agent` command. Standalone mode serves local ONNX files
+//! (`--model NAME=PATH`) with no control plane; every model is loaded and warmed
+//! up before the server listens. Managed mode (`--control-plane URL --node NAME
+//! --cache-dir DIR`) serves what the operator assigns to the node, starting from
+//! the cached last-known-good assignment so it serves even while offline.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use tokio::net::TcpListener;
+
+use shoal_agent::cache::Cache;
+use shoal_agent::control_plane::ControlPlane;
+use shoal_agent::metrics::Metrics;
+use shoal_agent::registry::ModelRegistry;
+use shoal_agent::server::{self, AppState, Limits};
+use shoal_agent::sync::Syncer;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal-agent",
+    version,
+    about = "Serves ONNX models over the Open Inference Protocol v2"
+)]
+struct Args {
+    /// A model to serve from a local file: NAME=PATH, or NAME:VERSION=PATH
+    /// (version "1" when not given). Repeat for more models.
+    #[arg(
+        long = "model",
+        value_name = "NAME[:VERSION]=PATH",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane",
+        value_parser = parse_model_arg
+    )]
+    models: Vec<ModelArg>,
+
+    /// Managed mode: URL of the operator's agent API (https:// in production).
+    #[arg(long, env = "SHOAL_CONTROL_PLANE", requires_all = ["node", "cache_dir"])]
+    control_plane: Option<String>,
+
+    /// Managed mode: the Kubernetes node this agent serves (the DaemonSet passes spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+
+    /// Managed mode: directory for artifacts and the last-known-good assignment;
+    /// keep it across restarts (a hostPath on the edge node).
+    #[arg(long, env = "SHOAL_AGENT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Managed mode: most bytes the artifact cache may hold (512Mi, 2Gi, …).
+    #[arg(long, env = "SHOAL_AGENT_CACHE_SIZE", default_value = "2Gi", value_parser = shoal_agent::cache::parse_size)]
+    cache_size: u64,
+
+    /// Managed mode: the projected service-account token (audience "shoal") sent
+    /// to the operator; read before every call because the kubelet rotates it.
+    #[arg(long, env = "SHOAL_AGENT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// Managed mode: PEM CA that signed the operator's serving certificate.
+    #[arg(long, env = "SHOAL_AGENT_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
+
+    /// Managed mode: seconds between two reports to the operator.
+    #[arg(long, env = "SHOAL_AGENT_REPORT_SECONDS", default_value_t = 15)]
+    report_seconds: u64,
+
+    /// Address to listen on.
+    #[arg(long, env = "SHOAL_AGENT_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+
+    /// Inference requests that run at once; inference is single-threaded per
+    /// request, so the default is the number of cores.
+    #[arg(long, env = "SHOAL_AGENT_WORKERS")]
+    workers: Option<usize>,
+
+    /// Requests that may wait for a worker; beyond that the agent answers 429.
+    /// With the body limit this bounds the memory requests can take.
+    #[arg(long, env = "SHOAL_AGENT_QUEUE", default_value_t = 32)]
+    queue: usize,
+
+    /// Largest inference request body, in bytes; larger ones get 413.
+    #[arg(long, env = "SHOAL_AGENT_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_body_bytes: usize,
+
+    /// Seconds from receiving an inference request to answering it, queueing
+    /// included; past that the agent answers 503.
+    #[arg(
+        long,
+        env = "SHOAL_AGENT_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 30.0
+    )]
+    request_timeout_seconds: f64,
+
+    /// Log format.
+    #[arg(long, env = "SHOAL_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+struct ModelArg {
+    name: String,
+    version: String,
+    path: PathBuf,
+}
+
+fn parse_model_arg(text: &str) -> Result<ModelArg, String> {
+    let Some((id, path)) = text.split_once('=') else {
+        return Err("expected NAME=PATH or NAME:VERSION=PATH".to_string());
+    };
+    let (name, version) = id.split_once(':').unwrap_or((id, "1"));
+    if name.is_empty() || version.is_empty() || path.is_empty() {
+        return Err("expected NAME=PATH or NAME:VERSION=PATH, none of them empty".to_string());
+    }
+    // Names and versions become URL path segments.
+    if name.contains('/') || version.contains('/') {
+        return Err("a model name or version cannot contain '/'".to_string());
+    }
+    Ok(ModelArg {
+        name: name.to_string(),
+        version: version.to_string(),
+        path: PathBuf::from(path),
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+
+    let workers = match args.workers {
+        Some(0) => bail!("--workers must be at least 1"),
+        Some(workers) => workers,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    if !(args.request_timeout_seconds.is_finite() && args.request_timeout_seconds > 0.0) {
+        bail!("--request-timeout-seconds must be a positive number");
+    }
+    let limits = Limits {
+        workers,
+        queue: args.queue,
+        max_body_bytes: args.max_body_bytes,
+        request_timeout: Duration::from_secs_f64(args.request_timeout_seconds),
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(ModelRegistry::new(metrics.clone()));
+    for model in &args.models {
+        if registry.get(&model.name).is_some() {
+            bail!("model {:?} is given twice", model.name);
+        }
+        let bytes = tokio::fs::read(&model.path).await.with_context(|| {
+            format!(
+                "reading model {:?} from {}",
+                model.name,
+                model.path.display()
+            )
+        })?;
+        let loader = registry.clone();
+        let (name, version) = (model.name.clone(), model.version.clone());
+        let loaded =
+            tokio::task::spawn_blocking(move || loader.load_version(&name, &version, &bytes))
+                .await
+                .context("the model loader thread failed")?
+                .with_context(|| {
+                    format!(
+                        "loading model {:?} from {}",
+                        model.name,
+                        model.path.display()
+                    )
+                })?;
+        registry.swap(loaded);
+    }
+
+    let syncer = match &args.control_plane {
+        None => None,
+        Some(url) => Some(start_managed(url, &args, registry.clone()).await?),
+    };
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        address = %address,
+        workers = limits.workers,
+        queue = limits.queue,
+        max_body_bytes = limits.max_body_bytes,
+        "listening"
+    );
+    let state = AppState::new(registry, metrics, limits);
+    if let Some(syncer) = syncer {
+        tokio::spawn(syncer.clone().run());
+        tokio::spawn(syncer.report_every(Duration::from_secs(args.report_seconds.max(1))));
+    }
+    server::serve(listener, state, shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Opens the cache and serves its last-known-good assignment before any network
+/// call, so an agent restarted while the WAN is down serves at once.
+async fn start_managed(
+    url: &str,
+    args: &Args,
+    registry: Arc<ModelRegistry>,
+) -> anyhow::Result<Arc<Syncer>> {
+    let node = args
+        .node
+        .as_deref()
+        .context("--node is required with --control-plane")?;
+    let cache_dir = args
+        .cache_dir
+        .as_ref()
+        .context("--cache-dir is required with --control-plane")?;
+    let cache = Cache::open(cache_dir)
+        .with_context(|| format!("opening the cache at {}", cache_dir.display()))?;
+    let control_plane = ControlPlane::new(
+        url,
+        node,
+        args.token_file.clone(),
+        args.control_plane_ca.clone(),
+    )
+    .context("configuring the control-plane client")?;
+    let started_at = jiff::Timestamp::now().to_string();
+    let syncer = Arc::new(Syncer::new(
+        registry,
+        cache,
+        control_plane,
+        node,
+        started_at,
+        args.cache_size,
+    ));
+    syncer.serve_last_known_good().await;
+    tracing::info!(control_plane = url, node, "managed mode");
+    Ok(syncer)
+}
+
+/// Completes on SIGTERM (how the kubelet stops a pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_args() {
+        let plain = parse_model_arg("magika=/m/model.onnx").expect("valid");
+        assert_eq!(
+            (plain.name.as_str(), plain.version.as_str()),
+            ("magika", "1")
+        );
+        assert_eq!(plain.path, PathBuf::from("/m/model.onnx"));
+        let versioned = parse_model_arg("magika:1.0.3=m.onnx").expect("valid");
+        assert_eq!(versioned.version, "1.0.3");
+        assert!(parse_model_arg("magika").is_err());
+        assert!(parse_model_arg("=m.onnx").is_err());
+        assert!(parse_model_arg("a/b=m.onnx").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}
