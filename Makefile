@@ -72,6 +72,7 @@ $(SHOAL_PYTHON):
 export SHOAL_TEST_MAGIKA_ONNX := $(SHOAL_CACHE)/models/magika-1.0.3/model.onnx
 export SHOAL_TEST_PPOCR_CLS_ONNX := $(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx
 export SHOAL_OPERATOR_BIN := $(CURDIR)/target/debug/shoal-operator
+export SHOAL_AGENT_BIN := $(CURDIR)/target/debug/shoal-agent
 
 ## unit-test: everything that needs no cluster (unit tests, api/'s schema tests)
 unit-test: test-models python-env
@@ -94,5 +95,5 @@ clean: cluster-down
 
 ## demo-down: stop the demo's operator and model server, then the control plane
 demo-down:
-	-@for p in target/demo/operator.pid target/demo/model-server.pid; do [[ -f $$p ]] && kill $$(cat $$p) 2>/dev/null; rm -f $$p; done
+	-@for p in target/demo/operator.pid target/demo/model-server.pid target/demo/agent-*.pid; do [[ -f $$p ]] && kill $$(cat $$p) 2>/dev/null; rm -f $$p; done
 	tests/cluster/down.sh

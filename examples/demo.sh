@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the whole path on one machine. Starts the local control plane,
 # installs the CRDs, starts the operator, simulates three edge nodes with kwok,
-# applies a real ONNX model and an EdgePool, and waits until both are Ready.
+# applies a real ONNX model and an EdgePool, waits until both are Ready, then
+# rolls the model out to real shoal-agent processes (one per store node, each
+# with its own pod-bound token) and sends them an inference request.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -11,14 +13,14 @@ demo="$repo/target/demo"
 models=$(tests/models/fetch.sh)
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-step "1/6 Local control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok)"
+step "1/8 Local control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok)"
 tests/cluster/up.sh
 
-step "2/6 Shoal's CRDs"
+step "2/8 Shoal's CRDs"
 kubectl apply --server-side --force-conflicts --field-manager shoal-demo -f crds/shoal.dev.yaml
 kubectl wait --for condition=Established --timeout 60s -f crds/shoal.dev.yaml
 
-step "3/6 Three simulated edge nodes (kwok): two stores and a warehouse"
+step "3/8 Three simulated edge nodes (kwok): two stores and a warehouse"
 for node in store-berlin store-lyon warehouse-rotterdam; do
   site=store; [[ $node == warehouse-* ]] && site=warehouse
   kubectl apply --server-side --field-manager shoal-demo -f - <<NODE
@@ -36,10 +38,11 @@ status:
 NODE
 done
 
-step "4/6 shoal-operator (logs: target/demo/operator.log)"
+step "4/8 shoal-operator (logs: target/demo/operator.log)"
 mkdir -p "$demo"
 stop_pid() { if [[ -f $1 ]]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; fi; }
 stop_pid "$demo/operator.pid"; stop_pid "$demo/model-server.pid"
+for pid_file in "$demo"/agent-*.pid; do stop_pid "$pid_file"; done
 kubectl create namespace shoal-demo --dry-run=client -o yaml | kubectl apply -f -
 setsid target/debug/shoal-operator run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
   --metrics-addr 127.0.0.1:18080 --agent-api-addr 127.0.0.1:18443 --agent-api-url http://127.0.0.1:18443 \
@@ -53,10 +56,10 @@ for _ in $(seq 60); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && brea
 curl -sf http://127.0.0.1:18080/readyz >/dev/null || { tail -20 "$demo/operator.log"; exit 1; }
 echo "operator ready: http://127.0.0.1:18080/metrics"
 
-step "5/6 A real model (magika's file-type classifier) and an EdgePool"
+step "5/8 A real model (magika's file-type classifier) and an EdgePool"
 kubectl apply -f examples/quickstart/model.yaml -f examples/quickstart/edge-pool.yaml
 
-step "6/6 Waiting for the Model and the EdgePool to be Ready"
+step "6/8 Waiting for the Model and the EdgePool to be Ready"
 deadline=$((SECONDS + 180))
 until kubectl -n shoal-demo wait --for condition=Ready --timeout 2s model/file-type-classifier edgepool/stores >/dev/null 2>&1; do
   if ((SECONDS > deadline)); then
@@ -73,12 +76,59 @@ echo
 kubectl -n shoal-demo get models,edgepools
 echo
 kubectl -n shoal-demo get model file-type-classifier -o jsonpath='{range .status.versions[*]}version {.version}: {.artifactDigest} ({.artifactBytes} bytes), inputs {.inputs}, outputs {.outputs}{"\n"}{end}'
+step "7/8 Roll the model out to real agents on the two store nodes"
+kubectl apply -f examples/quickstart/rollout.yaml
+port=19001
+for node in store-berlin store-lyon; do
+  # Each agent proves who it is with a token bound to its node's agent pod,
+  # exactly what the DaemonSet's projected token volume gives a real pod.
+  pod=$(kubectl -n shoal-demo get pods -l shoal.dev/pool=stores --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}')
+  mkdir -p "$demo/agents/$node"
+  kubectl -n shoal-demo create token shoal-agent-stores --audience shoal --duration 1h \
+    --bound-object-kind Pod --bound-object-name "$pod" >"$demo/agents/$node/token"
+  setsid target/debug/shoal-agent --control-plane http://127.0.0.1:18443 --node "$node" \
+    --cache-dir "$demo/agents/$node/cache" --token-file "$demo/agents/$node/token" \
+    --listen "127.0.0.1:$port" --report-seconds 5 >"$demo/agent-$node.log" 2>&1 </dev/null &
+  echo $! >"$demo/agent-$node.pid"
+  echo "agent for $node: http://127.0.0.1:$port (log: target/demo/agent-$node.log)"
+  port=$((port + 1))
+done
+deadline=$((SECONDS + 120))
+for port in 19001 19002; do
+  until curl -sf "http://127.0.0.1:$port/v2/models/file-type-classifier/ready" >/dev/null; do
+    if ((SECONDS > deadline)); then echo "agent on $port did not load the model; see target/demo/agent-*.log" >&2; exit 1; fi
+    printf '.'; sleep 1
+  done
+done
+echo " both agents serve file-type-classifier 1.0.3"
+
+step "8/8 An inference request (Open Inference Protocol v2) and the fleet view"
+# magika reads the first and last bytes of a file as 2048 int32 values (256 = padding).
+python3 - >"$demo/request.json" <<'PY'
+import json
+content = b"#!/usr/bin/env python3\nimport sys\nprint('hello from the edge', sys.argv)\n"
+beg = list(content[:1024]) + [256] * (1024 - min(len(content), 1024))
+end = [256] * (1024 - min(len(content), 1024)) + list(content[-1024:])
+print(json.dumps({"id": "demo-1", "inputs": [{"name": "bytes", "datatype": "INT32", "shape": [1, 2048], "data": beg + end}]}))
+PY
+curl -s -H 'Content-Type: application/json' --data @"$demo/request.json" \
+  http://127.0.0.1:19001/v2/models/file-type-classifier/infer \
+  | python3 -c 'import json,sys; r=json.load(sys.stdin); d=r["outputs"][0]["data"]; i=max(range(len(d)), key=d.__getitem__); print("model %s version %s: %d scores, top class index %d (score %.3f)" % (r["model_name"], r["model_version"], len(d), i, d[i]))'
+# Agents report every 5 s; the pool's status aggregates the reports.
+for _ in $(seq 30); do
+  [[ -n $(kubectl -n shoal-demo get edgepool stores -o jsonpath='{.status.versions}') ]] && break
+  sleep 1
+done
+kubectl -n shoal-demo get edgepool stores -o jsonpath='{range .status.versions[*]}{.agents} agents serve {.model} {.version}{"\n"}{end}'
+
 cat <<DONE
 
 Shoal is running. Poke at it:
   export KUBECONFIG=$KUBECONFIG PATH=$(dirname "$(command -v kubectl)"):\$PATH
   kubectl -n shoal-demo get models,edgepools,daemonsets,pods -o wide
   kubectl explain model.spec.source
-  curl -s http://127.0.0.1:18080/metrics | grep shoal_operator
+  curl -s http://127.0.0.1:18080/metrics | grep -E 'shoal_(operator|fleet)'
+  curl -s http://127.0.0.1:19001/v2/models/file-type-classifier      # model metadata from an agent
+  curl -s http://127.0.0.1:19001/metrics | grep shoal_agent
 Stop everything: make demo-down
 DONE
