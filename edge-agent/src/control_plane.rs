@@ -101,6 +101,22 @@ impl ControlPlane {
         format!("{}{path}", self.base_url)
     }
 
+    /// Sends `request` with the current token.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ControlPlaneError> {
+        self.authorized(request)
+            .await?
+            .send()
+            .await
+            .map_err(|source| ControlPlaneError::Unreachable {
+                url: url.to_string(),
+                source,
+            })
+    }
+
     async fn authorized(
         &self,
         request: reqwest::RequestBuilder,
@@ -133,15 +149,7 @@ impl ControlPlane {
         if let Some(etag) = etag {
             request = request.header(IF_NONE_MATCH, etag);
         }
-        let response = self
-            .authorized(request)
-            .await?
-            .send()
-            .await
-            .map_err(|source| ControlPlaneError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let response = self.send(request, &url).await?;
         if response.status() == StatusCode::NOT_MODIFIED {
             return Ok(Poll::Unchanged);
         }
@@ -193,15 +201,7 @@ impl ControlPlane {
         if offset > 0 {
             request = request.header(RANGE, format!("bytes={offset}-"));
         }
-        let response = self
-            .authorized(request)
-            .await?
-            .send()
-            .await
-            .map_err(|source| ControlPlaneError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let response = self.send(request, &url).await?;
         let resumed = response.status() == StatusCode::PARTIAL_CONTENT;
         let response = check(response, &url).await?;
         let io_error = |source| CacheError::Io {
@@ -240,15 +240,7 @@ impl ControlPlane {
             .post(&url)
             .json(report)
             .timeout(CONNECT_TIMEOUT + READ_TIMEOUT);
-        let response = self
-            .authorized(request)
-            .await?
-            .send()
-            .await
-            .map_err(|source| ControlPlaneError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let response = self.send(request, &url).await?;
         check(response, &url).await?;
         Ok(())
     }
