@@ -1,7 +1,8 @@
 //! The harness of Shoal's integration tests: a client for the local control plane
-//! (`make cluster-up`), the CRDs, one namespace and one operator process per test,
-//! and small helpers to wait on objects, serve a model file, make kwok nodes, and
-//! make the tokens and certificates the agent API tests need.
+//! (`make cluster-up`), the CRDs, one namespace and one operator process per test
+//! (killable and restartable), managed-mode `shoal-agent` processes for the end-to-end
+//! tests, and small helpers to wait on objects, serve a model file, make kwok nodes,
+//! and make the tokens and certificates the agent API tests need.
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
@@ -203,8 +204,13 @@ pub fn unique_name(prefix: &str) -> String {
 pub struct Operator {
     child: tokio::process::Child,
     dir: tempfile::TempDir,
+    namespace: String,
+    extra_args: Vec<String>,
+    metrics_port: u16,
     metrics_url: String,
     agent_api_addr: String,
+    /// False between [`Operator::kill`] and [`Operator::restart`].
+    running: bool,
     stopped: bool,
 }
 
@@ -218,41 +224,54 @@ impl Operator {
     /// [`Operator::start`] with more flags for `shoal-operator run`, such as
     /// `--agent-stale-after 10s` or `--tls-cert …`.
     pub async fn start_with_args(namespace: &str, extra_args: &[&str]) -> anyhow::Result<Operator> {
-        let binary = operator_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("shoal-operator-")
             .tempdir()?;
-        let artifact_dir = dir.path().join("artifacts");
-        let log = std::fs::File::create(dir.path().join("operator.log"))?;
         let port = free_port()?;
         let agent_api_addr = format!("127.0.0.1:{}", free_port()?);
-        let child = tokio::process::Command::new(&binary)
-            .arg("run")
-            .args(["--namespace", namespace])
-            .arg("--artifact-dir")
-            .arg(&artifact_dir)
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--agent-api-addr", &agent_api_addr])
-            // What the agent DaemonSet is told; no test runs agents in those pods.
-            .args(["--agent-api-url", &format!("http://{agent_api_addr}")])
-            .args(extra_args)
-            .env("KUBECONFIG", kubeconfig_path())
-            .env("RUST_LOG", "info,shoal_operator=debug,kube=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
+        let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
+        let child = spawn_operator(dir.path(), namespace, port, &agent_api_addr, &extra_args)?;
         let mut operator = Operator {
             child,
             dir,
+            namespace: namespace.to_string(),
+            extra_args,
+            metrics_port: port,
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
             agent_api_addr,
+            running: true,
             stopped: false,
         };
         operator.wait_ready(port).await?;
         Ok(operator)
+    }
+
+    /// Kills the operator process but keeps its directory (artifact store, log) and
+    /// ports, so [`Operator::restart`] brings the same operator back.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if self.running {
+            self.child
+                .kill()
+                .await
+                .context("cannot kill shoal-operator")?;
+            self.running = false;
+        }
+        Ok(())
+    }
+
+    /// Kills the operator if it runs, then starts it again with the same flags,
+    /// artifact store and ports (its log is appended to), and waits until ready.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await?;
+        self.child = spawn_operator(
+            self.dir.path(),
+            &self.namespace,
+            self.metrics_port,
+            &self.agent_api_addr,
+            &self.extra_args,
+        )?;
+        self.running = true;
+        self.wait_ready(self.metrics_port).await
     }
 
     async fn wait_ready(&mut self, port: u16) -> anyhow::Result<()> {
@@ -320,12 +339,47 @@ impl Operator {
     /// Kills the operator; the test passed, so its log is not printed.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.stopped = true;
-        self.child
-            .kill()
-            .await
-            .context("cannot stop shoal-operator")?;
+        if self.running {
+            self.child
+                .kill()
+                .await
+                .context("cannot stop shoal-operator")?;
+        }
         Ok(())
     }
+}
+
+/// Spawns `shoal-operator run` for [`Operator`], appending to `<dir>/operator.log`.
+fn spawn_operator(
+    dir: &Path,
+    namespace: &str,
+    metrics_port: u16,
+    agent_api_addr: &str,
+    extra_args: &[String],
+) -> anyhow::Result<tokio::process::Child> {
+    let binary = operator_binary()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("operator.log"))?;
+    tokio::process::Command::new(&binary)
+        .arg("run")
+        .args(["--namespace", namespace])
+        .arg("--artifact-dir")
+        .arg(dir.join("artifacts"))
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--agent-api-addr", agent_api_addr])
+        // What the agent DaemonSet is told; the pods kwok fakes run no agent.
+        .args(["--agent-api-url", &format!("http://{agent_api_addr}")])
+        .args(extra_args)
+        .env("KUBECONFIG", kubeconfig_path())
+        .env("RUST_LOG", "info,shoal_operator=debug,kube=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))
 }
 
 impl Drop for Operator {
@@ -533,6 +587,13 @@ fn read_test_model(variable: &str, cached: &str) -> anyhow::Result<Vec<u8>> {
 /// linear scorer: `tokens` int32 [batch, 4] → Cast to float → MatMul with a 4×3
 /// weight → `scores` float [batch, 3], opset 13.
 pub fn tiny_onnx_model() -> Vec<u8> {
+    tiny_onnx_model_scaled(1.0)
+}
+
+/// [`tiny_onnx_model`] with every weight multiplied by `scale`: another version of
+/// the same signature whose bytes and outputs differ. Row-major weight `[k][j]` is
+/// `scale * (3k + j) / 10`, so tokens `[1, 2, 3, 4]` score `scale * [6, 7, 8]`.
+pub fn tiny_onnx_model_scaled(scale: f32) -> Vec<u8> {
     let dim_param = |name: &str| message(&[bytes_field(2, name.as_bytes())]);
     let dim_value = |value: u64| message(&[varint_field(1, value)]);
     let value_info = |name: &str, elem_type: u64, dims: &[Vec<u8>]| {
@@ -566,7 +627,7 @@ pub fn tiny_onnx_model() -> Vec<u8> {
     ]);
     // TensorProto {dims: 1, data_type: 2, name: 8, raw_data: 9 (little-endian floats)}.
     let weights: Vec<u8> = (0..12u8)
-        .flat_map(|i| (f32::from(i) / 10.0).to_le_bytes())
+        .flat_map(|i| (scale * f32::from(i) / 10.0).to_le_bytes())
         .collect();
     let weight = message(&[
         varint_field(1, 4),
@@ -768,4 +829,167 @@ pub fn serving_certificate(dir: &Path) -> anyhow::Result<TestCertificate> {
         cert: dir.join("server.crt"),
         key: dir.join("server.key"),
     })
+}
+
+/// A managed-mode `shoal-agent` process with its own cache directory, token file and
+/// listen port. Call `stop()` at the end; if the test ends any other way, dropping
+/// it prints the agent's log.
+pub struct Agent {
+    child: Option<tokio::process::Child>,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    url: String,
+    stopped: bool,
+}
+
+impl Agent {
+    /// Spawns `$SHOAL_AGENT_BIN --control-plane <control_plane> --node <node>` with a
+    /// fresh cache dir, `token` in a token file, a free listen port and `extra_args`
+    /// (such as `--report-seconds 1`), and waits until `/v2/health/live` answers.
+    pub async fn start(
+        control_plane: &str,
+        node: &str,
+        token: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let dir = tempfile::Builder::new().prefix("shoal-agent-").tempdir()?;
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, token)?;
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let mut args: Vec<String> = vec![
+            "--control-plane".into(),
+            control_plane.into(),
+            "--node".into(),
+            node.into(),
+            "--cache-dir".into(),
+            dir.path().join("cache").to_string_lossy().into_owned(),
+            "--token-file".into(),
+            token_file.to_string_lossy().into_owned(),
+            "--listen".into(),
+            listen.clone(),
+        ];
+        args.extend(extra_args.iter().map(|arg| arg.to_string()));
+        let mut agent = Agent {
+            child: None,
+            dir,
+            args,
+            url: format!("http://{listen}"),
+            stopped: false,
+        };
+        agent.spawn().await?;
+        Ok(agent)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let binary = agent_binary()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))?;
+        let child = tokio::process::Command::new(&binary)
+            .args(&self.args)
+            .env("RUST_LOG", "info,shoal_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        self.child = Some(child);
+        self.wait_live().await
+    }
+
+    async fn wait_live(&mut self) -> anyhow::Result<()> {
+        let url = format!("{}/v2/health/live", self.url);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = Instant::now() + OPERATOR_READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(exit) = child.try_wait()?
+            {
+                bail!(
+                    "shoal-agent exited with {exit} before it listened; its log:\n{}",
+                    self.logs()
+                );
+            }
+            if let Ok(response) = http.get(&url).send().await
+                && response.status() == reqwest::StatusCode::OK
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "shoal-agent did not answer 200 on {url} within {OPERATOR_READY_TIMEOUT:?}; its log:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`, the agent's Open Inference Protocol server.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The agent's cache directory (`artifacts/sha256/<hex>`, `last-known-good.json`).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Everything the agent wrote to stdout and stderr so far, over all restarts.
+    pub fn logs(&self) -> String {
+        let path = self.dir.path().join("agent.log");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| format!("(cannot read {}: {err})", path.display()))
+    }
+
+    /// Kills the agent process; its cache dir stays for [`Agent::restart`].
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.context("cannot kill shoal-agent")?;
+        }
+        Ok(())
+    }
+
+    /// Kills the agent and starts it again with the same flags, cache dir and port,
+    /// then waits until it listens (by then it serves what its cache holds).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await?;
+        self.spawn().await
+    }
+
+    /// Kills the agent; the test passed, so its log is not printed.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stopped = true;
+        self.kill().await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if !self.stopped {
+            eprintln!(
+                "---- shoal-agent log (the test did not finish) ----\n{}---- end of log ----",
+                self.logs()
+            );
+        }
+    }
+}
+
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("SHOAL_AGENT_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => workspace_dir().join("target/debug/shoal-agent"),
+    };
+    if !path.is_file() {
+        bail!(
+            "the agent binary {} does not exist; build it with `cargo build -p shoal-agent` \
+             or set SHOAL_AGENT_BIN (`make integration-test` does both)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
