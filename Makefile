@@ -97,3 +97,27 @@ clean: cluster-down
 demo-down:
 	-@for p in target/demo/operator.pid target/demo/model-server.pid target/demo/agent-*.pid; do [[ -f $$p ]] && kill $$(cat $$p) 2>/dev/null; rm -f $$p; done
 	tests/cluster/down.sh
+
+# The Python peer of the benchmark: KServe's ModelServer with onnxruntime, cached by version.
+KSERVE_VERSION := 0.21.0
+BENCH_PYTHON_ENV := $(SHOAL_CACHE)/python/kserve-$(KSERVE_VERSION)-onnxruntime-$(ONNXRUNTIME_VERSION)-numpy-$(NUMPY_VERSION)
+BENCH_PYTHON := $(BENCH_PYTHON_ENV)/bin/python
+
+.PHONY: bench bench-python-env
+bench-python-env: $(BENCH_PYTHON)
+$(BENCH_PYTHON):
+	@echo "Creating $(BENCH_PYTHON_ENV) with kserve $(KSERVE_VERSION) and onnxruntime $(ONNXRUNTIME_VERSION) from PyPI"
+	python3 -m venv $(BENCH_PYTHON_ENV).tmp
+	$(BENCH_PYTHON_ENV).tmp/bin/pip install --quiet --disable-pip-version-check \
+	  kserve==$(KSERVE_VERSION) onnxruntime==$(ONNXRUNTIME_VERSION) numpy==$(NUMPY_VERSION)
+	rm -rf $(BENCH_PYTHON_ENV) && mv $(BENCH_PYTHON_ENV).tmp $(BENCH_PYTHON_ENV)
+
+## bench: shoal-agent vs in-process tract vs Python KServe/onnxruntime on magika; prints
+## a table (also target/bench/agent.md). Reports numbers, never fails on timing.
+bench: test-models
+	cargo build --release -p shoal-agent --bin shoal-agent --example loadgen
+	cargo build --profile release-small -p shoal-agent --bin shoal-agent
+	@mkdir -p target/bench
+	@$(MAKE) --no-print-directory bench-python-env >target/bench/kserve-install.log 2>&1 \
+	  || echo "KServe environment could not be installed; see target/bench/kserve-install.log" >&2
+	BENCH_PYTHON=$(BENCH_PYTHON) bench/agent.sh
