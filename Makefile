@@ -23,7 +23,7 @@ crds:
 
 ## crds-check: fail if crds/ drifted from api/
 crds-check:
-	@cargo run -q -p shoal-operator -- crd | diff -u crds/shoal.dev.yaml - \
+	@cargo run -p shoal-operator -- crd | diff -u crds/shoal.dev.yaml - \
 	  || { echo "crds/ is out of date: run 'make crds' and commit the result" >&2; exit 1; }
 
 lint:
