@@ -394,14 +394,19 @@ impl Drop for Operator {
 }
 
 fn operator_binary() -> anyhow::Result<PathBuf> {
-    let path = match std::env::var_os("SHOAL_OPERATOR_BIN") {
+    built_binary("SHOAL_OPERATOR_BIN", "shoal-operator")
+}
+
+/// A binary of the workspace: `$env_var` when set, else `target/debug/<name>`.
+fn built_binary(env_var: &str, name: &str) -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os(env_var) {
         Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => workspace_dir().join("target/debug/shoal-operator"),
+        _ => workspace_dir().join("target/debug").join(name),
     };
     if !path.is_file() {
         bail!(
-            "the operator binary {} does not exist; build it with `cargo build -p shoal-operator` \
-             or set SHOAL_OPERATOR_BIN (`make integration-test` does both)",
+            "the binary {} does not exist; build it with `cargo build -p {name}` \
+             or set {env_var} (`make integration-test` does both)",
             path.display()
         );
     }
@@ -980,16 +985,5 @@ impl Drop for Agent {
 }
 
 fn agent_binary() -> anyhow::Result<PathBuf> {
-    let path = match std::env::var_os("SHOAL_AGENT_BIN") {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => workspace_dir().join("target/debug/shoal-agent"),
-    };
-    if !path.is_file() {
-        bail!(
-            "the agent binary {} does not exist; build it with `cargo build -p shoal-agent` \
-             or set SHOAL_AGENT_BIN (`make integration-test` does both)",
-            path.display()
-        );
-    }
-    Ok(path)
+    built_binary("SHOAL_AGENT_BIN", "shoal-agent")
 }
