@@ -10,7 +10,7 @@ export KUBECONFIG := $(CURDIR)/target/cluster/kubeconfig
 export PATH := $(KUBE_BIN):$(PATH)
 
 .PHONY: all deps python-env build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
-        test-models unit-test integration-test clean
+        test-models unit-test integration-test clean example-model
 
 all: build
 
@@ -57,7 +57,8 @@ test-models:
 # (and, later, the KServe peer of the benchmarks). Cached outside the repo by version.
 ONNXRUNTIME_VERSION := 1.32.0
 NUMPY_VERSION := 2.4.6
-PYTHON_ENV := $(SHOAL_CACHE)/python/onnxruntime-$(ONNXRUNTIME_VERSION)-numpy-$(NUMPY_VERSION)
+ONNX_VERSION := 1.23.2
+PYTHON_ENV := $(SHOAL_CACHE)/python/onnxruntime-$(ONNXRUNTIME_VERSION)-numpy-$(NUMPY_VERSION)-onnx-$(ONNX_VERSION)
 export SHOAL_PYTHON := $(PYTHON_ENV)/bin/python
 
 python-env: $(SHOAL_PYTHON)
@@ -65,8 +66,17 @@ $(SHOAL_PYTHON):
 	@echo "Creating $(PYTHON_ENV) with onnxruntime $(ONNXRUNTIME_VERSION) from PyPI"
 	python3 -m venv $(PYTHON_ENV).tmp
 	$(PYTHON_ENV).tmp/bin/pip install --quiet --disable-pip-version-check \
-	  onnxruntime==$(ONNXRUNTIME_VERSION) numpy==$(NUMPY_VERSION)
+	  onnxruntime==$(ONNXRUNTIME_VERSION) numpy==$(NUMPY_VERSION) onnx==$(ONNX_VERSION)
 	rm -rf $(PYTHON_ENV) && mv $(PYTHON_ENV).tmp $(PYTHON_ENV)
+
+# The example recommendation model (examples/recommender/), trained with numpy on
+# MovieLens-100k from the recbole wheel; cached by a hash of the training code.
+RECOMMENDER_HASH := $(shell cat examples/recommender/*.py examples/recommender/build.sh | sha256sum | cut -c1-12)
+export SHOAL_RECOMMENDER_DIR := $(SHOAL_CACHE)/models/recommender-$(RECOMMENDER_HASH)
+
+## example-model: train the example recommender (about 15 s; cached)
+example-model: python-env
+	@examples/recommender/build.sh $(SHOAL_RECOMMENDER_DIR) $(SHOAL_PYTHON)
 
 # Real third-party models the tests load, fetched from PyPI wheels by test-models.
 export SHOAL_TEST_MAGIKA_ONNX := $(SHOAL_CACHE)/models/magika-1.0.3/model.onnx
@@ -75,7 +85,7 @@ export SHOAL_OPERATOR_BIN := $(CURDIR)/target/debug/shoal-operator
 export SHOAL_AGENT_BIN := $(CURDIR)/target/debug/shoal-agent
 
 ## unit-test: everything that needs no cluster (unit tests, api/'s schema tests)
-unit-test: test-models python-env
+unit-test: test-models python-env example-model
 	cargo test --workspace --exclude shoal-tests
 
 ## integration-test: tests against the local control plane (started if needed)
@@ -87,7 +97,7 @@ test: deps lint crds-check unit-test
 	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test
 
 ## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
-demo: deps build test-models
+demo: deps build test-models example-model
 	examples/demo.sh
 
 clean: cluster-down

@@ -4,6 +4,8 @@
 pub mod agent_api;
 pub mod artifact_store;
 pub mod backoff;
+pub mod compress_command;
+pub mod compression;
 pub mod context;
 pub mod edge_pool_controller;
 pub mod edge_pool_daemonset;

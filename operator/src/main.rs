@@ -1,4 +1,5 @@
-//! `shoal-operator`: runs Shoal's controllers (`run`) and prints its CRDs (`crd`).
+//! `shoal-operator`: runs Shoal's controllers (`run`), prints its CRDs (`crd`) and
+//! compresses models (`compress`).
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -10,7 +11,7 @@ use shoal_operator::backoff::Backoff;
 use shoal_operator::context::Context;
 use shoal_operator::edge_pool_daemonset::AgentDefaults;
 use shoal_operator::metrics::Metrics;
-use shoal_operator::{edge_pool_controller, fetch, http_server, model_controller};
+use shoal_operator::{compress_command, edge_pool_controller, fetch, http_server, model_controller};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions as YAML (what `kubectl apply -f crds/` installs).
     Crd,
+    /// Compress an ONNX model (int8 or fp16), validate it against the original and
+    /// print a JSON report; the output is written only when the gate holds.
+    Compress(Box<compress_command::CompressArgs>),
 }
 
 #[derive(clap::Args)]
@@ -92,6 +96,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(*args).await,
+        Command::Compress(args) => {
+            let code = tokio::task::spawn_blocking(move || compress_command::run(*args)).await??;
+            std::process::exit(code);
+        }
     }
 }
 
