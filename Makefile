@@ -124,10 +124,13 @@ $(BENCH_PYTHON):
 
 ## bench: shoal-agent vs in-process tract vs Python KServe/onnxruntime on magika; prints
 ## a table (also target/bench/agent.md). Reports numbers, never fails on timing.
-bench: test-models
+## Then compression: fp32/fp16/int8 of three models (also target/bench/compression.md).
+bench: test-models example-model
 	cargo build --release -p shoal-agent --bin shoal-agent --example loadgen
+	cargo build --release -p shoal-operator --bin shoal-operator
 	cargo build --profile release-small -p shoal-agent --bin shoal-agent
 	@mkdir -p target/bench
 	@$(MAKE) --no-print-directory bench-python-env >target/bench/kserve-install.log 2>&1 \
 	  || echo "KServe environment could not be installed; see target/bench/kserve-install.log" >&2
 	BENCH_PYTHON=$(BENCH_PYTHON) bench/agent.sh
+	bench/compression.sh

@@ -11,7 +11,8 @@
 //! Consumers of a rewritten initializer are left untouched: they read the same name,
 //! now produced by the new node. Tensors below [`MIN_ELEMENTS`] (biases, norms,
 //! scalars) stay float: they weigh nothing and are the most sensitive to rounding.
-//! Only the main graph is rewritten; subgraphs of If/Loop keep their weights.
+//! Weights stored as `Constant` nodes are rewritten the same way, in place. Only the
+//! main graph is rewritten; subgraphs of If/Loop keep their weights.
 //!
 //! Pure functions over the decoded protobuf: no I/O.
 
@@ -199,112 +200,173 @@ fn rewrite_initializers(
     let mut names = NameAllocator::new(graph);
     let mut report = WeightReport::default();
     let mut new_initializers = Vec::with_capacity(graph.initializer.len());
-    let mut new_nodes = Vec::new();
+    let mut decoders = Vec::new();
     let mut rewritten: HashSet<String> = HashSet::new();
 
+    // Weights stored as initializers.
     for tensor in std::mem::take(&mut graph.initializer) {
-        if tensor.data_type != DataType::Float as i32 {
-            new_initializers.push(tensor);
-            continue;
-        }
-        if tensor.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
-            return Err(WeightError::ExternalData { name: tensor.name });
-        }
-        let rewrite = match choose(&tensor) {
-            Some(rewrite) if element_count(&tensor) >= MIN_ELEMENTS => rewrite,
-            _ => {
-                report.tensors_kept_float += 1;
-                new_initializers.push(tensor);
-                continue;
+        match chosen_rewrite(&tensor, &choose, &mut report)? {
+            None => new_initializers.push(tensor),
+            Some((rewrite, values)) => {
+                let node_name = names.fresh(&format!("{}_decode", tensor.name));
+                let (tensors, node) = encode(&tensor, &values, rewrite, node_name, &mut names);
+                new_initializers.extend(tensors);
+                decoders.push(node);
+                rewritten.insert(tensor.name);
             }
+        }
+    }
+
+    // Weights stored as Constant nodes (PaddlePaddle and some PyTorch exports): the
+    // Constant is replaced in place by the decoding node, under the same node name.
+    for node in &mut graph.node {
+        let Some(tensor) = constant_tensor(node) else {
+            continue;
         };
-        let values = float_values(&tensor)?;
-        report.tensors_compressed += 1;
-        report.elements_compressed += values.len() as u64;
-        match rewrite {
-            Rewrite::Int8 { axis } => {
-                let q = quantize_symmetric(&values, &tensor.dims, axis);
-                let data_name = names.fresh(&format!("{}_quantized", tensor.name));
-                let scale_name = names.fresh(&format!("{}_scale", tensor.name));
-                let zero_name = names.fresh(&format!("{}_zero_point", tensor.name));
-                let channel_dims = match axis {
-                    Some(axis) => vec![tensor.dims[axis]],
-                    None => vec![],
-                };
-                new_initializers.push(pb::TensorProto {
+        if let Some((rewrite, values)) = chosen_rewrite(&tensor, &choose, &mut report)? {
+            let (tensors, decoder) = encode(&tensor, &values, rewrite, node.name.clone(), &mut names);
+            new_initializers.extend(tensors);
+            *node = decoder;
+        }
+    }
+
+    graph.initializer = new_initializers;
+    // An initializer listed among the graph inputs (IR < 4 style, "overridable") is now
+    // computed by a node; a graph input of the same name would be a second producer.
+    graph.input.retain(|input| !rewritten.contains(&input.name));
+    // The decoders read only initializers, so putting them first keeps the node list
+    // topologically sorted, as ONNX requires.
+    decoders.append(&mut graph.node);
+    graph.node = decoders;
+    Ok(report)
+}
+
+/// The FLOAT tensor of a plain `Constant` node, named after the node's output.
+fn constant_tensor(node: &pb::NodeProto) -> Option<pb::TensorProto> {
+    if node.op_type != "Constant" || !(node.domain.is_empty() || node.domain == "ai.onnx") {
+        return None;
+    }
+    let [attribute] = node.attribute.as_slice() else {
+        return None;
+    };
+    let tensor = attribute.t.as_ref().filter(|_| attribute.name == "value")?;
+    let output = node.output.first()?;
+    (tensor.data_type == DataType::Float as i32).then(|| pb::TensorProto {
+        name: output.clone(),
+        ..tensor.clone()
+    })
+}
+
+/// The rewrite to apply to `tensor` and its values, or None to leave it as it is.
+fn chosen_rewrite(
+    tensor: &pb::TensorProto,
+    choose: &impl Fn(&pb::TensorProto) -> Option<Rewrite>,
+    report: &mut WeightReport,
+) -> Result<Option<(Rewrite, Vec<f32>)>, WeightError> {
+    if tensor.data_type != DataType::Float as i32 {
+        return Ok(None);
+    }
+    if tensor.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
+        return Err(WeightError::ExternalData {
+            name: tensor.name.clone(),
+        });
+    }
+    let rewrite = match choose(tensor) {
+        Some(rewrite) if element_count(tensor) >= MIN_ELEMENTS => rewrite,
+        _ => {
+            report.tensors_kept_float += 1;
+            return Ok(None);
+        }
+    };
+    let values = float_values(tensor)?;
+    report.tensors_compressed += 1;
+    report.elements_compressed += values.len() as u64;
+    Ok(Some((rewrite, values)))
+}
+
+/// The initializers holding the compressed `tensor` and the node that decodes them
+/// back to a float tensor under `tensor.name`.
+fn encode(
+    tensor: &pb::TensorProto,
+    values: &[f32],
+    rewrite: Rewrite,
+    node_name: String,
+    names: &mut NameAllocator,
+) -> (Vec<pb::TensorProto>, pb::NodeProto) {
+    match rewrite {
+        Rewrite::Int8 { axis } => {
+            let q = quantize_symmetric(values, &tensor.dims, axis);
+            let data_name = names.fresh(&format!("{}_quantized", tensor.name));
+            let scale_name = names.fresh(&format!("{}_scale", tensor.name));
+            let zero_name = names.fresh(&format!("{}_zero_point", tensor.name));
+            let channel_dims = match axis {
+                Some(axis) => vec![tensor.dims[axis]],
+                None => vec![],
+            };
+            let tensors = vec![
+                pb::TensorProto {
                     name: data_name.clone(),
                     dims: tensor.dims.clone(),
                     data_type: DataType::Int8 as i32,
                     raw_data: q.values.iter().map(|v| *v as u8).collect(),
                     doc_string: tensor.doc_string.clone(),
                     ..Default::default()
-                });
-                new_initializers.push(pb::TensorProto {
+                },
+                pb::TensorProto {
                     name: scale_name.clone(),
                     dims: channel_dims.clone(),
                     data_type: DataType::Float as i32,
                     raw_data: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
                     ..Default::default()
-                });
-                new_initializers.push(pb::TensorProto {
+                },
+                pb::TensorProto {
                     name: zero_name.clone(),
                     dims: channel_dims,
                     data_type: DataType::Int8 as i32,
                     raw_data: vec![0; q.scales.len()],
                     ..Default::default()
-                });
-                let mut attribute = Vec::new();
-                if let Some(axis) = axis {
-                    attribute.push(int_attribute("axis", axis as i64));
-                }
-                new_nodes.push(pb::NodeProto {
-                    input: vec![data_name, scale_name, zero_name],
-                    output: vec![tensor.name.clone()],
-                    name: names.fresh(&format!("{}_dequantize", tensor.name)),
-                    op_type: "DequantizeLinear".into(),
-                    attribute,
-                    doc_string: "shoal int8 weight compression".into(),
-                    ..Default::default()
-                });
+                },
+            ];
+            let mut attribute = Vec::new();
+            if let Some(axis) = axis {
+                attribute.push(int_attribute("axis", axis as i64));
             }
-            Rewrite::Fp16 => {
-                let data_name = names.fresh(&format!("{}_fp16", tensor.name));
-                new_initializers.push(pb::TensorProto {
-                    name: data_name.clone(),
-                    dims: tensor.dims.clone(),
-                    data_type: DataType::Float16 as i32,
-                    raw_data: values
-                        .iter()
-                        .flat_map(|v| to_f16_saturating(*v).to_le_bytes())
-                        .collect(),
-                    doc_string: tensor.doc_string.clone(),
-                    ..Default::default()
-                });
-                new_nodes.push(pb::NodeProto {
-                    input: vec![data_name],
-                    output: vec![tensor.name.clone()],
-                    name: names.fresh(&format!("{}_cast", tensor.name)),
-                    op_type: "Cast".into(),
-                    attribute: vec![int_attribute("to", DataType::Float as i64)],
-                    doc_string: "shoal fp16 weight compression".into(),
-                    ..Default::default()
-                });
-            }
+            let node = pb::NodeProto {
+                input: vec![data_name, scale_name, zero_name],
+                output: vec![tensor.name.clone()],
+                name: node_name,
+                op_type: "DequantizeLinear".into(),
+                attribute,
+                doc_string: "shoal int8 weight compression".into(),
+                ..Default::default()
+            };
+            (tensors, node)
         }
-        rewritten.insert(tensor.name);
+        Rewrite::Fp16 => {
+            let data_name = names.fresh(&format!("{}_fp16", tensor.name));
+            let tensors = vec![pb::TensorProto {
+                name: data_name.clone(),
+                dims: tensor.dims.clone(),
+                data_type: DataType::Float16 as i32,
+                raw_data: values
+                    .iter()
+                    .flat_map(|v| to_f16_saturating(*v).to_le_bytes())
+                    .collect(),
+                doc_string: tensor.doc_string.clone(),
+                ..Default::default()
+            }];
+            let node = pb::NodeProto {
+                input: vec![data_name],
+                output: vec![tensor.name.clone()],
+                name: node_name,
+                op_type: "Cast".into(),
+                attribute: vec![int_attribute("to", DataType::Float as i64)],
+                doc_string: "shoal fp16 weight compression".into(),
+                ..Default::default()
+            };
+            (tensors, node)
+        }
     }
-
-    graph.initializer = new_initializers;
-    // An initializer listed among the graph inputs (IR < 4 style, "overridable") is now
-    // computed by a node; a graph input of the same name would be a second producer.
-    graph
-        .input
-        .retain(|input| !rewritten.contains(&input.name));
-    // The new nodes read only initializers, so putting them first keeps the node list
-    // topologically sorted, as ONNX requires.
-    new_nodes.append(&mut graph.node);
-    graph.node = new_nodes;
-    Ok(report)
 }
 
 fn int_attribute(name: &str, value: i64) -> pb::AttributeProto {
@@ -628,6 +690,41 @@ mod tests {
         let graph = m.graph.as_ref().expect("graph");
         assert!(graph.input.is_empty());
         assert_eq!(graph.node[0].input[0], "w_quantized_2");
+    }
+
+    #[test]
+    fn constant_node_weights_are_decoded_in_place_under_the_same_names() {
+        let constant = pb::NodeProto {
+            op_type: "Constant".into(),
+            name: "conv_w_const".into(),
+            output: vec!["conv_w".into()],
+            attribute: vec![pb::AttributeProto {
+                name: "value".into(),
+                r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+                t: Some(float_tensor("", &[8, 4, 3, 3], &ramp(288))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut m = model(
+            13,
+            vec![],
+            vec![
+                node("Relu", &["x"], "r"),
+                constant,
+                node("Conv", &["r", "conv_w"], "y"),
+            ],
+        );
+        let report = quantize_int8(&mut m, Granularity::PerChannel).expect("quantizes");
+        assert_eq!(report.tensors_compressed, 1);
+        let graph = m.graph.as_ref().expect("graph");
+        let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Relu", "DequantizeLinear", "Conv"]);
+        assert_eq!(graph.node[1].name, "conv_w_const");
+        assert_eq!(graph.node[1].output, vec!["conv_w".to_string()]);
+        assert_eq!(graph.node[1].attribute[0].i, 0, "Conv weights: channels on axis 0");
+        assert_eq!(graph.initializer[0].name, "conv_w_quantized");
+        assert_eq!(graph.initializer[1].dims, vec![8]);
     }
 
     #[test]
