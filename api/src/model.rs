@@ -178,6 +178,13 @@ pub struct Compression {
     #[serde(default)]
     pub mode: CompressionMode,
 
+    /// int8 only: one scale per output channel of each weight instead of one per
+    /// tensor. More accurate on tensors whose channels differ in range (embedding
+    /// tables, conv filters); needs the model's ONNX opset to be 13 or newer.
+    /// Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_channel: bool,
+
     /// The check the compressed model must pass before the version becomes Ready: it
     /// runs next to the original on the same inputs. A threshold that is not set is
     /// not enforced; the figures are recorded in status either way.

@@ -16,6 +16,10 @@ pub struct Context {
     pub agent_defaults: AgentDefaults,
     /// Largest model source the operator accepts, in bytes.
     pub max_model_bytes: u64,
+    /// Compressions allowed to run at once (each takes a core and a few model copies of memory).
+    pub compression_slots: tokio::sync::Semaphore,
+    /// Finished compressions, so that none runs twice for the same inputs.
+    pub compression_records: crate::compression::records::Records,
 }
 
 /// The one field manager for everything the operator writes with server-side apply.

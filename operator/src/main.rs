@@ -11,7 +11,9 @@ use shoal_operator::backoff::Backoff;
 use shoal_operator::context::Context;
 use shoal_operator::edge_pool_daemonset::AgentDefaults;
 use shoal_operator::metrics::Metrics;
-use shoal_operator::{compress_command, edge_pool_controller, fetch, http_server, model_controller};
+use shoal_operator::{
+    compress_command, edge_pool_controller, fetch, http_server, model_controller,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -77,6 +79,9 @@ struct RunArgs {
     /// Largest model source accepted, in bytes.
     #[arg(long, env = "SHOAL_MAX_MODEL_BYTES", default_value_t = 1 << 30)]
     max_model_bytes: u64,
+    /// Model compressions that may run at once; each keeps a core busy.
+    #[arg(long, env = "SHOAL_MAX_CONCURRENT_COMPRESSIONS", default_value_t = 1)]
+    max_concurrent_compressions: usize,
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -151,6 +156,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             control_plane_url: args.agent_api_url,
         },
         max_model_bytes: args.max_model_bytes,
+        compression_slots: tokio::sync::Semaphore::new(args.max_concurrent_compressions.max(1)),
+        compression_records: shoal_operator::compression::records::Records::new(&args.artifact_dir),
     });
 
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)

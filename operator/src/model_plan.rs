@@ -41,16 +41,12 @@ pub struct Refusal {
 
 /// Decides what a Model needs. `artifact_in_store` tells whether a digest's blob exists.
 pub fn plan(model: &Model, artifact_in_store: impl Fn(&str) -> bool) -> Plan {
-    if let Some(compression) = &model.spec.compression
-        && compression.mode != CompressionMode::None
-    {
+    if compression_mode(model) == CompressionMode::Unknown {
         return Plan::Refuse(Refusal {
             reason: "CompressionNotSupported",
-            message: format!(
-                "spec.compression.mode {} is not supported by this operator version yet; \
-                 set spec.compression.mode to none (or remove spec.compression) to publish the model uncompressed",
-                mode_name(compression.mode)
-            ),
+            message: "spec.compression.mode is not one this operator version knows; \
+                      use none, fp16 or int8"
+                .into(),
         });
     }
     if model.spec.source.oci.is_some() {
@@ -76,7 +72,16 @@ pub fn plan(model: &Model, artifact_in_store: impl Fn(&str) -> bool) -> Plan {
     }
 }
 
-fn mode_name(mode: CompressionMode) -> &'static str {
+/// The compression the Model asks for (none without spec.compression).
+pub fn compression_mode(model: &Model) -> CompressionMode {
+    model
+        .spec
+        .compression
+        .as_ref()
+        .map_or(CompressionMode::None, |c| c.mode)
+}
+
+pub fn mode_name(mode: CompressionMode) -> &'static str {
     match mode {
         CompressionMode::None => "none",
         CompressionMode::Fp16 => "fp16",
@@ -96,15 +101,29 @@ pub enum VersionBinding {
     Conflict(Refusal),
 }
 
-/// A version string once Ready is bound to one content digest, forever.
+/// A version string once Ready is bound to one content digest and one way of
+/// compressing it, forever.
 pub fn bind_version(
     versions: &[ModelVersion],
     version: &str,
     source_digest: &str,
+    compression: CompressionMode,
 ) -> VersionBinding {
     match find_version(versions, version) {
         None => VersionBinding::New,
-        Some(entry) if entry.source_digest == source_digest => VersionBinding::Same,
+        Some(entry) if entry.source_digest == source_digest && entry.compression == compression => {
+            VersionBinding::Same
+        }
+        Some(entry) if entry.source_digest == source_digest => VersionBinding::Conflict(Refusal {
+            reason: "VersionConflict",
+            message: format!(
+                "version {version} was published with compression {} and now asks for {}; the \
+                 artifact of a published version never changes: set a new spec.version to publish it \
+                 with the new compression",
+                mode_name(entry.compression),
+                mode_name(compression)
+            ),
+        }),
         Some(entry) => VersionBinding::Conflict(Refusal {
             reason: "VersionConflict",
             message: format!(
@@ -129,10 +148,25 @@ pub fn ready_status(model: &Model, entry: ModelVersion, now: Time) -> ModelStatu
         .revision_history_limit
         .unwrap_or(DEFAULT_REVISION_HISTORY_LIMIT)
         .max(1) as usize;
-    let message = format!(
+    let mut message = format!(
         "version {} is Ready: artifact {} ({} bytes)",
         entry.version, entry.artifact_digest, entry.artifact_bytes
     );
+    if entry.compression != CompressionMode::None {
+        message.push_str(&format!(
+            ", {} of source {} ({} bytes, {}x)",
+            mode_name(entry.compression),
+            entry.source_digest,
+            entry.source_bytes,
+            entry.compression_ratio
+        ));
+        if let Some(figures) = &entry.validation {
+            message.push_str(&format!(
+                "; validation: {}",
+                crate::compression::validation::describe(figures)
+            ));
+        }
+    }
     status
         .versions
         .retain(|existing| existing.version != entry.version);
@@ -276,38 +310,55 @@ spec:
     }
 
     #[test]
-    fn compression_other_than_none_is_refused_with_what_to_do() {
+    fn known_compression_modes_are_fetched_and_unknown_ones_refused() {
         let mut m = model(BASE);
-        m.spec.compression = Some(serde_json::from_str(r#"{"mode":"int8"}"#).expect("parses"));
+        for mode in ["none", "fp16", "int8"] {
+            m.spec.compression =
+                Some(serde_json::from_str(&format!(r#"{{"mode":"{mode}"}}"#)).expect("parses"));
+            assert_eq!(plan(&m, |_| true), Plan::Fetch, "{mode}");
+        }
+        m.spec.compression = Some(serde_json::from_str(r#"{"mode":"int4"}"#).expect("parses"));
         let Plan::Refuse(refusal) = plan(&m, |_| true) else {
             panic!("expected a refusal")
         };
         assert_eq!(refusal.reason, "CompressionNotSupported");
         assert!(
-            refusal.message.contains("int8") && refusal.message.contains("mode to none"),
+            refusal.message.contains("none, fp16 or int8"),
             "{}",
             refusal.message
         );
-        m.spec.compression = Some(serde_json::from_str(r#"{"mode":"none"}"#).expect("parses"));
-        assert_eq!(plan(&m, |_| true), Plan::Fetch);
     }
 
     #[test]
     fn version_binding() {
         let versions = vec![entry("1.0", "sha256:aa"), entry("2.0", "sha256:bb")];
+        let none = CompressionMode::None;
         assert_eq!(
-            bind_version(&versions, "3.0", "sha256:cc"),
+            bind_version(&versions, "3.0", "sha256:cc", none),
             VersionBinding::New
         );
         assert_eq!(
-            bind_version(&versions, "2.0", "sha256:bb"),
+            bind_version(&versions, "2.0", "sha256:bb", none),
             VersionBinding::Same
         );
-        let VersionBinding::Conflict(refusal) = bind_version(&versions, "2.0", "sha256:cc") else {
+        let VersionBinding::Conflict(refusal) = bind_version(&versions, "2.0", "sha256:cc", none)
+        else {
             panic!("expected a conflict")
         };
         assert_eq!(refusal.reason, "VersionConflict");
         assert!(refusal.message.contains("sha256:bb") && refusal.message.contains("sha256:cc"));
+        let VersionBinding::Conflict(refusal) =
+            bind_version(&versions, "2.0", "sha256:bb", CompressionMode::Int8)
+        else {
+            panic!("a new compression of a published version is a conflict")
+        };
+        assert!(
+            refusal
+                .message
+                .contains("compression none and now asks for int8"),
+            "{}",
+            refusal.message
+        );
     }
 
     #[test]

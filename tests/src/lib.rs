@@ -568,6 +568,22 @@ pub fn ppocr_cls_onnx() -> anyhow::Result<Vec<u8>> {
     )
 }
 
+/// The example recommender (examples/recommender/) trained by `make example-model`:
+/// `recommender.onnx` (input `user_id` int64 [batch], output `scores` float
+/// [batch, 1682]) and `validation.jsonl`, in `$SHOAL_RECOMMENDER_DIR`.
+pub fn recommender_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::var_os("SHOAL_RECOMMENDER_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .context("SHOAL_RECOMMENDER_DIR is not set; run the tests with `make test` (or `make example-model` and export it)")?;
+    anyhow::ensure!(
+        dir.join("recommender.onnx").is_file(),
+        "{} has no recommender.onnx; run `make example-model`",
+        dir.display()
+    );
+    Ok(dir)
+}
+
 /// Reads a model from `$variable`, else from where `make test-models` caches it.
 fn read_test_model(variable: &str, cached: &str) -> anyhow::Result<Vec<u8>> {
     let path = match std::env::var_os(variable) {

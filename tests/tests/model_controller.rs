@@ -1,7 +1,7 @@
 //! The Model controller against the real API server: a version becomes Ready from a
 //! ConfigMap (a tiny hand-written ONNX model) or an http URL (the real magika model)
-//! and is stored by digest; a wrong digest, a rebound version, a non-ONNX file and
-//! int8 compression fail with the reason a person needs.
+//! and is stored by digest; a wrong digest, a rebound version and a non-ONNX file
+//! fail with the reason a person needs. Compression has its own file, compression.rs.
 
 use anyhow::{Context as _, ensure};
 use k8s_openapi::ByteString;
@@ -418,31 +418,6 @@ async fn a_file_that_is_not_onnx_fails_with_invalid_model() -> anyhow::Result<()
     ensure!(
         stored.is_empty(),
         "an invalid model must not be stored; the store holds {stored:?}"
-    );
-
-    setup.finish().await
-}
-
-#[tokio::test]
-async fn int8_compression_is_not_supported_yet() -> anyhow::Result<()> {
-    let setup = Setup::start("model-int8").await?;
-    let onnx = tiny_onnx_model();
-    setup
-        .create_config_map("scorer", "model.onnx", &onnx)
-        .await?;
-    setup
-        .create_model(json!({
-            "version": "1.0",
-            "source": { "configMap": { "name": "scorer", "key": "model.onnx" } },
-            "compression": { "mode": "int8" },
-        }))
-        .await?;
-
-    let (_, condition) = setup.wait_failed("CompressionNotSupported").await?;
-    ensure!(
-        condition.message.contains("int8"),
-        "the message should name the mode: {}",
-        condition.message
     );
 
     setup.finish().await

@@ -5,6 +5,7 @@
 //! Used by the Model controller and by `shoal-operator compress`. Synchronous and
 //! CPU-heavy: async callers run it in `spawn_blocking`.
 
+pub mod records;
 pub mod samples;
 pub mod validation;
 pub mod weights;
@@ -111,7 +112,10 @@ pub enum Progress {
     Inspecting,
     Rewriting,
     /// `done` of `total` samples compared.
-    Validating { done: usize, total: usize },
+    Validating {
+        done: usize,
+        total: usize,
+    },
 }
 
 /// Compresses `source` and validates the result against it.

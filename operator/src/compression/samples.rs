@@ -68,25 +68,53 @@ fn synthetic_tensor(
 ) -> Result<Tensor, SampleError> {
     let shape: Vec<usize> = input.shape.iter().map(|d| (*d).max(1) as usize).collect();
     let n: usize = shape.iter().product();
-    let int_limit = |type_max: u64| index_limits.get(&input.name).copied().unwrap_or(256).min(type_max + 1);
+    let int_limit = |type_max: u64| {
+        index_limits
+            .get(&input.name)
+            .copied()
+            .unwrap_or(256)
+            .min(type_max + 1)
+    };
     let ints = |rng: &mut SplitMix64, limit: u64| -> Vec<u64> {
         (0..n).map(|_| rng.below(limit.max(1))).collect()
     };
-    let floats = |rng: &mut SplitMix64| -> Vec<f64> { (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect() };
+    let floats =
+        |rng: &mut SplitMix64| -> Vec<f64> { (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect() };
     let tensor = match input.datatype.as_str() {
-        "FP32" => Tensor::from_shape(&shape, &floats(rng).iter().map(|v| *v as f32).collect::<Vec<_>>()),
+        "FP32" => Tensor::from_shape(
+            &shape,
+            &floats(rng).iter().map(|v| *v as f32).collect::<Vec<_>>(),
+        ),
         "FP64" => Tensor::from_shape(&shape, &floats(rng)),
         "FP16" => Tensor::from_shape(
             &shape,
-            &floats(rng).iter().map(|v| half::f16::from_f64(*v)).collect::<Vec<_>>(),
+            &floats(rng)
+                .iter()
+                .map(|v| half::f16::from_f64(*v))
+                .collect::<Vec<_>>(),
         ),
         "INT8" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(127)), |v| v as i8)),
-        "INT16" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(i16::MAX as u64)), |v| v as i16)),
-        "INT32" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(i32::MAX as u64)), |v| v as i32)),
-        "INT64" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(i64::MAX as u64)), |v| v as i64)),
+        "INT16" => Tensor::from_shape(
+            &shape,
+            &cast(ints(rng, int_limit(i16::MAX as u64)), |v| v as i16),
+        ),
+        "INT32" => Tensor::from_shape(
+            &shape,
+            &cast(ints(rng, int_limit(i32::MAX as u64)), |v| v as i32),
+        ),
+        "INT64" => Tensor::from_shape(
+            &shape,
+            &cast(ints(rng, int_limit(i64::MAX as u64)), |v| v as i64),
+        ),
         "UINT8" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(255)), |v| v as u8)),
-        "UINT16" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(u16::MAX as u64)), |v| v as u16)),
-        "UINT32" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(u32::MAX as u64)), |v| v as u32)),
+        "UINT16" => Tensor::from_shape(
+            &shape,
+            &cast(ints(rng, int_limit(u16::MAX as u64)), |v| v as u16),
+        ),
+        "UINT32" => Tensor::from_shape(
+            &shape,
+            &cast(ints(rng, int_limit(u32::MAX as u64)), |v| v as u32),
+        ),
         "UINT64" => Tensor::from_shape(&shape, &ints(rng, int_limit(u64::MAX - 1))),
         "BOOL" => Tensor::from_shape(&shape, &cast(ints(rng, 2), |v| v == 1)),
         other => {
@@ -109,8 +137,11 @@ pub fn gather_index_limits(model: &pb::ModelProto) -> HashMap<String, u64> {
     let Some(graph) = &model.graph else {
         return HashMap::new();
     };
-    let tables: HashMap<&str, &pb::TensorProto> =
-        graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let tables: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
     let mut limits: HashMap<String, u64> = HashMap::new();
     for node in graph.node.iter().filter(|n| n.op_type == "Gather") {
         let (Some(table), Some(indices)) = (node.input.first(), node.input.get(1)) else {
@@ -124,7 +155,11 @@ pub fn gather_index_limits(model: &pb::ModelProto) -> HashMap<String, u64> {
         let Some(table) = tables.get(table.as_str()) else {
             continue;
         };
-        let axis = if axis < 0 { axis + table.dims.len() as i64 } else { axis };
+        let axis = if axis < 0 {
+            axis + table.dims.len() as i64
+        } else {
+            axis
+        };
         let Some(rows) = table.dims.get(axis as usize) else {
             continue;
         };
@@ -176,8 +211,11 @@ pub fn from_dataset(
         };
         let request: RequestLine =
             serde_json::from_str(trimmed).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let mut by_name: HashMap<&str, &RequestInput> =
-            request.inputs.iter().map(|i| (i.name.as_str(), i)).collect();
+        let mut by_name: HashMap<&str, &RequestInput> = request
+            .inputs
+            .iter()
+            .map(|i| (i.name.as_str(), i))
+            .collect();
         let mut sample = Vec::with_capacity(inputs.len());
         for input in inputs {
             let given = by_name
@@ -227,15 +265,36 @@ fn dataset_tensor(spec: &onnx_signature::Tensor, given: &RequestInput) -> Result
             given.shape
         ));
     }
-    let not_number = || format!("input `{}` holds a value that is not a {}", spec.name, spec.datatype);
-    let floats = || flat.iter().map(|v| v.as_f64()).collect::<Option<Vec<f64>>>().ok_or_else(not_number);
-    let ints = || flat.iter().map(|v| v.as_i64()).collect::<Option<Vec<i64>>>().ok_or_else(not_number);
+    let not_number = || {
+        format!(
+            "input `{}` holds a value that is not a {}",
+            spec.name, spec.datatype
+        )
+    };
+    let floats = || {
+        flat.iter()
+            .map(|v| v.as_f64())
+            .collect::<Option<Vec<f64>>>()
+            .ok_or_else(not_number)
+    };
+    let ints = || {
+        flat.iter()
+            .map(|v| v.as_i64())
+            .collect::<Option<Vec<i64>>>()
+            .ok_or_else(not_number)
+    };
     let result: TractResult<Tensor> = match spec.datatype.as_str() {
-        "FP32" => Tensor::from_shape(&shape, &floats()?.iter().map(|v| *v as f32).collect::<Vec<_>>()),
+        "FP32" => Tensor::from_shape(
+            &shape,
+            &floats()?.iter().map(|v| *v as f32).collect::<Vec<_>>(),
+        ),
         "FP64" => Tensor::from_shape(&shape, &floats()?),
         "FP16" => Tensor::from_shape(
             &shape,
-            &floats()?.iter().map(|v| half::f16::from_f64(*v)).collect::<Vec<_>>(),
+            &floats()?
+                .iter()
+                .map(|v| half::f16::from_f64(*v))
+                .collect::<Vec<_>>(),
         ),
         "INT8" => Tensor::from_shape(&shape, &narrow::<i8>(ints()?, &spec.name)?),
         "INT16" => Tensor::from_shape(&shape, &narrow::<i16>(ints()?, &spec.name)?),
@@ -246,13 +305,26 @@ fn dataset_tensor(spec: &onnx_signature::Tensor, given: &RequestInput) -> Result
         "UINT32" => Tensor::from_shape(&shape, &narrow::<u32>(ints()?, &spec.name)?),
         "UINT64" => Tensor::from_shape(
             &shape,
-            &flat.iter().map(|v| v.as_u64()).collect::<Option<Vec<u64>>>().ok_or_else(not_number)?,
+            &flat
+                .iter()
+                .map(|v| v.as_u64())
+                .collect::<Option<Vec<u64>>>()
+                .ok_or_else(not_number)?,
         ),
         "BOOL" => Tensor::from_shape(
             &shape,
-            &flat.iter().map(|v| v.as_bool()).collect::<Option<Vec<bool>>>().ok_or_else(not_number)?,
+            &flat
+                .iter()
+                .map(|v| v.as_bool())
+                .collect::<Option<Vec<bool>>>()
+                .ok_or_else(not_number)?,
         ),
-        other => return Err(format!("input `{}` has datatype {other}, which validation does not support", spec.name)),
+        other => {
+            return Err(format!(
+                "input `{}` has datatype {other}, which validation does not support",
+                spec.name
+            ));
+        }
     };
     result.map_err(|e| format!("input `{}`: {e}", spec.name))
 }
@@ -260,7 +332,10 @@ fn dataset_tensor(spec: &onnx_signature::Tensor, given: &RequestInput) -> Result
 fn narrow<T: TryFrom<i64>>(values: Vec<i64>, name: &str) -> Result<Vec<T>, String> {
     values
         .into_iter()
-        .map(|v| T::try_from(v).map_err(|_| format!("input `{name}` holds {v}, out of its datatype's range")))
+        .map(|v| {
+            T::try_from(v)
+                .map_err(|_| format!("input `{name}` holds {v}, out of its datatype's range"))
+        })
         .collect()
 }
 
@@ -320,7 +395,11 @@ mod tests {
 
     #[test]
     fn synthetic_inputs_are_reproducible_and_in_range() {
-        let inputs = [spec("ids", "INT64", &[-1]), spec("x", "FP32", &[-1, 4]), spec("b", "INT32", &[8])];
+        let inputs = [
+            spec("ids", "INT64", &[-1]),
+            spec("x", "FP32", &[-1, 4]),
+            spec("b", "INT32", &[8]),
+        ];
         let limits = HashMap::from([("ids".to_string(), 10u64)]);
         let first = synthetic(&inputs, &limits, 50).expect("synthetic");
         let again = synthetic(&inputs, &limits, 50).expect("synthetic");
@@ -330,8 +409,18 @@ mod tests {
             assert_eq!(sample[1].shape(), &[1, 4]);
             let id = sample[0].values::<i64>()[0];
             assert!((0..10).contains(&id));
-            assert!(sample[1].values::<f32>().iter().all(|v| (-1.0..=1.0).contains(v)));
-            assert!(sample[2].values::<i32>().iter().all(|v| (0..256).contains(v)));
+            assert!(
+                sample[1]
+                    .values::<f32>()
+                    .iter()
+                    .all(|v| (-1.0..=1.0).contains(v))
+            );
+            assert!(
+                sample[2]
+                    .values::<i32>()
+                    .iter()
+                    .all(|v| (0..256).contains(v))
+            );
         }
         let ids: std::collections::HashSet<i64> =
             first.iter().map(|s| s[0].values::<i64>()[0]).collect();
@@ -340,7 +429,8 @@ mod tests {
 
     #[test]
     fn strings_need_a_dataset() {
-        let err = synthetic(&[spec("text", "BYTES", &[1])], &HashMap::new(), 1).expect_err("no strings");
+        let err =
+            synthetic(&[spec("text", "BYTES", &[1])], &HashMap::new(), 1).expect_err("no strings");
         assert!(err.to_string().contains("dataset"), "{err}");
     }
 
@@ -366,18 +456,36 @@ mod tests {
         let cases: [(&[u8], &str); 6] = [
             (b"{not json", "line 1: not valid JSON"),
             (br#"{"inputs":[]}"#, "input `a` is missing"),
-            (br#"{"inputs":[{"name":"a","datatype":"INT32","shape":[1,2],"data":[1,2]}]}"#, "datatype INT32"),
-            (br#"{"inputs":[{"name":"a","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]}"#, "shape [1, 3]"),
-            (br#"{"inputs":[{"name":"a","datatype":"FP32","shape":[1,2],"data":[1]}]}"#, "has 1 values"),
+            (
+                br#"{"inputs":[{"name":"a","datatype":"INT32","shape":[1,2],"data":[1,2]}]}"#,
+                "datatype INT32",
+            ),
+            (
+                br#"{"inputs":[{"name":"a","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]}"#,
+                "shape [1, 3]",
+            ),
+            (
+                br#"{"inputs":[{"name":"a","datatype":"FP32","shape":[1,2],"data":[1]}]}"#,
+                "has 1 values",
+            ),
             (b"\n# only a comment\n", "holds no samples"),
         ];
         for (data, expected) in cases {
-            let err = from_dataset(data, &inputs, 10).expect_err("refused").to_string();
+            let err = from_dataset(data, &inputs, 10)
+                .expect_err("refused")
+                .to_string();
             assert!(err.contains(expected), "{err} should contain {expected}");
         }
         let inputs = [spec("b", "INT8", &[1])];
-        let err = from_dataset(br#"{"inputs":[{"name":"b","datatype":"INT8","shape":[1],"data":[300]}]}"#, &inputs, 1)
-            .expect_err("out of range");
-        assert!(err.to_string().contains("out of its datatype's range"), "{err}");
+        let err = from_dataset(
+            br#"{"inputs":[{"name":"b","datatype":"INT8","shape":[1],"data":[300]}]}"#,
+            &inputs,
+            1,
+        )
+        .expect_err("out of range");
+        assert!(
+            err.to_string().contains("out of its datatype's range"),
+            "{err}"
+        );
     }
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use shoal_api::ValidationFigures;
 use tract_onnx::prelude::{
-    Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTensor, Symbol, TDim,
-    TValue, Tensor, ToDim, TractResult, TypedSimplePlan,
+    Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, IntoTensor, Symbol,
+    TDim, TValue, Tensor, ToDim, TractResult, TypedSimplePlan,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -84,7 +84,11 @@ pub fn check_gate(figures: &ValidationFigures, gate: &Gate) -> Result<(), String
     if failures.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} ({})", failures.join(" and "), describe(figures)))
+        Err(format!(
+            "{} ({})",
+            failures.join(" and "),
+            describe(figures)
+        ))
     }
 }
 
@@ -191,7 +195,10 @@ fn plan_for(model: &InferenceModel, sample: &Sample) -> TractResult<Arc<TypedSim
                 }
             }
         }
-        model.set_input_fact(ix, InferenceFact::dt_shape(tensor.datum_type(), tensor.shape()))?;
+        model.set_input_fact(
+            ix,
+            InferenceFact::dt_shape(tensor.datum_type(), tensor.shape()),
+        )?;
     }
     model.set_symbols(&symbols)?;
     model.into_optimized()?.into_runnable()
@@ -309,9 +316,15 @@ mod tests {
         };
         assert_eq!(check_gate(&figures(0.01, Some(0.99)), &gate), Ok(()));
         let err = check_gate(&figures(0.0101, Some(0.99)), &gate).expect_err("fails");
-        assert!(err.starts_with("max abs error 0.0101 > maxAbsError 0.01 ("), "{err}");
+        assert!(
+            err.starts_with("max abs error 0.0101 > maxAbsError 0.01 ("),
+            "{err}"
+        );
         let err = check_gate(&figures(0.001, Some(0.98)), &gate).expect_err("fails");
-        assert!(err.contains("top-1 agreement 0.98 < minTop1Agreement 0.99"), "{err}");
+        assert!(
+            err.contains("top-1 agreement 0.98 < minTop1Agreement 0.99"),
+            "{err}"
+        );
         assert!(err.contains("over 32 samples"), "{err}");
         let err = check_gate(&figures(1.0, Some(0.5)), &gate).expect_err("fails");
         assert!(err.contains(" and "), "both failures named: {err}");
@@ -319,7 +332,10 @@ mod tests {
 
     #[test]
     fn unset_thresholds_are_not_enforced_and_top1_needs_a_class_axis() {
-        assert_eq!(check_gate(&figures(100.0, Some(0.0)), &Gate::default()), Ok(()));
+        assert_eq!(
+            check_gate(&figures(100.0, Some(0.0)), &Gate::default()),
+            Ok(())
+        );
         let gate = Gate {
             max_abs_error: None,
             min_top1_agreement: Some(0.5),

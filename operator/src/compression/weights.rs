@@ -26,7 +26,7 @@ use tract_onnx::pb::tensor_proto::DataType;
 pub const MIN_ELEMENTS: usize = 256;
 
 /// How many scales an int8 tensor gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Granularity {
     /// One scale for the whole tensor (works with every ONNX runtime and opset ≥ 10).
@@ -117,7 +117,9 @@ pub fn convert_fp16(model: &mut pb::ModelProto) -> Result<WeightReport, WeightEr
 
 enum Rewrite {
     /// `axis: None` is per tensor.
-    Int8 { axis: Option<usize> },
+    Int8 {
+        axis: Option<usize>,
+    },
     Fp16,
 }
 
@@ -185,7 +187,14 @@ fn weight_uses(graph: &pb::GraphProto) -> HashMap<String, WeightUse> {
                     .iter()
                     .find(|a| a.name == "axis")
                     .map_or(0, |a| a.i);
-                record(0, if axis == 0 { WeightUse::LeadingAxis } else { WeightUse::Other });
+                record(
+                    0,
+                    if axis == 0 {
+                        WeightUse::LeadingAxis
+                    } else {
+                        WeightUse::Other
+                    },
+                );
             }
             _ => {}
         }
@@ -224,7 +233,8 @@ fn rewrite_initializers(
             continue;
         };
         if let Some((rewrite, values)) = chosen_rewrite(&tensor, &choose, &mut report)? {
-            let (tensors, decoder) = encode(&tensor, &values, rewrite, node.name.clone(), &mut names);
+            let (tensors, decoder) =
+                encode(&tensor, &values, rewrite, node.name.clone(), &mut names);
             new_initializers.extend(tensors);
             *node = decoder;
         }
@@ -379,11 +389,7 @@ fn int_attribute(name: &str, value: i64) -> pb::AttributeProto {
 }
 
 fn element_count(tensor: &pb::TensorProto) -> usize {
-    tensor
-        .dims
-        .iter()
-        .map(|d| (*d).max(0) as usize)
-        .product()
+    tensor.dims.iter().map(|d| (*d).max(0) as usize).product()
 }
 
 /// The float values of a FLOAT initializer, from `raw_data` or `float_data`.
@@ -528,7 +534,11 @@ mod tests {
         }
     }
 
-    fn model(opset: i64, initializers: Vec<pb::TensorProto>, nodes: Vec<pb::NodeProto>) -> pb::ModelProto {
+    fn model(
+        opset: i64,
+        initializers: Vec<pb::TensorProto>,
+        nodes: Vec<pb::NodeProto>,
+    ) -> pb::ModelProto {
         pb::ModelProto {
             ir_version: 7,
             opset_import: vec![pb::OperatorSetIdProto {
@@ -545,7 +555,9 @@ mod tests {
     }
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n).map(|i| (i as f32 - n as f32 / 2.0) / 100.0).collect()
+        (0..n)
+            .map(|i| (i as f32 - n as f32 / 2.0) / 100.0)
+            .collect()
     }
 
     #[test]
@@ -597,7 +609,14 @@ mod tests {
         let ops: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
         assert_eq!(
             ops,
-            ["DequantizeLinear", "DequantizeLinear", "Gather", "MatMul", "Add", "Mul"]
+            [
+                "DequantizeLinear",
+                "DequantizeLinear",
+                "Gather",
+                "MatMul",
+                "Add",
+                "Mul"
+            ]
         );
         assert_eq!(graph.node[0].output, vec!["w".to_string()]);
         assert_eq!(graph.node[1].output, vec!["table".to_string()]);
@@ -618,7 +637,10 @@ mod tests {
         let quantized = &graph.initializer[0];
         assert_eq!(quantized.data_type, DataType::Int8 as i32);
         assert_eq!(quantized.raw_data.len(), 512);
-        assert!(graph.initializer[1].dims.is_empty(), "per-tensor scale is a scalar");
+        assert!(
+            graph.initializer[1].dims.is_empty(),
+            "per-tensor scale is a scalar"
+        );
     }
 
     #[test]
@@ -672,7 +694,11 @@ mod tests {
             .find(|t| t.name == "huge_fp16")
             .expect("huge_fp16");
         let first = half::f16::from_le_bytes([huge.raw_data[0], huge.raw_data[1]]);
-        assert_eq!(first.to_f32(), 65504.0, "saturates instead of overflowing to inf");
+        assert_eq!(
+            first.to_f32(),
+            65504.0,
+            "saturates instead of overflowing to inf"
+        );
     }
 
     #[test]
@@ -722,7 +748,10 @@ mod tests {
         assert_eq!(ops, ["Relu", "DequantizeLinear", "Conv"]);
         assert_eq!(graph.node[1].name, "conv_w_const");
         assert_eq!(graph.node[1].output, vec!["conv_w".to_string()]);
-        assert_eq!(graph.node[1].attribute[0].i, 0, "Conv weights: channels on axis 0");
+        assert_eq!(
+            graph.node[1].attribute[0].i, 0,
+            "Conv weights: channels on axis 0"
+        );
         assert_eq!(graph.initializer[0].name, "conv_w_quantized");
         assert_eq!(graph.initializer[1].dims, vec![8]);
     }
@@ -734,7 +763,11 @@ mod tests {
         let mut m = model(13, vec![tensor], vec![node("MatMul", &["x", "w"], "y")]);
         assert!(matches!(
             quantize_int8(&mut m, Granularity::PerTensor),
-            Err(WeightError::WrongElementCount { declared: 300, stored: 25, .. })
+            Err(WeightError::WrongElementCount {
+                declared: 300,
+                stored: 25,
+                ..
+            })
         ));
     }
 }
