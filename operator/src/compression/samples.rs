@@ -40,9 +40,14 @@ pub enum SampleError {
     NoSyntheticValues { name: String, datatype: String },
 }
 
+/// The size synthetic inputs give an open dimension other than the first (an image's
+/// height and width, a sequence length): big enough that convolutions and pooling
+/// see more than one pixel, small enough to stay fast.
+pub const OPEN_DIM_SIZE: usize = 32;
+
 /// `count` synthetic samples for `inputs`, reproducible (fixed seed).
 ///
-/// Open dimensions (-1) become 1. Floats are uniform in [-1, 1]. Integers feeding a
+/// An open first dimension (the batch) becomes 1, other open ones [`OPEN_DIM_SIZE`]. Floats are uniform in [-1, 1]. Integers feeding a
 /// Gather as indices are uniform over the table's rows (`index_limits`); other
 /// integers are uniform in [0, 255] (bytes, tokens, small ids), capped by the type.
 pub fn synthetic(
@@ -66,7 +71,16 @@ fn synthetic_tensor(
     index_limits: &HashMap<String, u64>,
     rng: &mut SplitMix64,
 ) -> Result<Tensor, SampleError> {
-    let shape: Vec<usize> = input.shape.iter().map(|d| (*d).max(1) as usize).collect();
+    let shape: Vec<usize> = input
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(axis, d)| match *d {
+            d if d >= 0 => d as usize,
+            _ if axis == 0 => 1,
+            _ => OPEN_DIM_SIZE,
+        })
+        .collect();
     let n: usize = shape.iter().product();
     let int_limit = |type_max: u64| {
         index_limits
@@ -399,6 +413,7 @@ mod tests {
             spec("ids", "INT64", &[-1]),
             spec("x", "FP32", &[-1, 4]),
             spec("b", "INT32", &[8]),
+            spec("image", "FP32", &[-1, 3, -1, -1]),
         ];
         let limits = HashMap::from([("ids".to_string(), 10u64)]);
         let first = synthetic(&inputs, &limits, 50).expect("synthetic");
@@ -407,6 +422,7 @@ mod tests {
         for sample in &first {
             assert_eq!(sample[0].shape(), &[1]);
             assert_eq!(sample[1].shape(), &[1, 4]);
+            assert_eq!(sample[3].shape(), &[1, 3, OPEN_DIM_SIZE, OPEN_DIM_SIZE]);
             let id = sample[0].values::<i64>()[0];
             assert!((0..10).contains(&id));
             assert!(

@@ -11,6 +11,7 @@
 //! Consumers of a rewritten initializer are left untouched: they read the same name,
 //! now produced by the new node. Tensors below [`MIN_ELEMENTS`] (biases, norms,
 //! scalars) stay float: they weigh nothing and are the most sensitive to rounding.
+//! So do tensors holding NaN or infinity.
 //! Weights stored as `Constant` nodes are rewritten the same way, in place. Only the
 //! main graph is rewritten; subgraphs of If/Loop keep their weights.
 //!
@@ -289,6 +290,11 @@ fn chosen_rewrite(
         }
     };
     let values = float_values(tensor)?;
+    // NaN or infinity in a weight has no int8 or float16 equivalent worth shipping.
+    if values.iter().any(|v| !v.is_finite()) {
+        report.tensors_kept_float += 1;
+        return Ok(None);
+    }
     report.tensors_compressed += 1;
     report.elements_compressed += values.len() as u64;
     Ok(Some((rewrite, values)))
@@ -404,7 +410,7 @@ fn float_values(tensor: &pb::TensorProto) -> Result<Vec<f32>, WeightError> {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect()
     };
-    let stored_bytes_ok = tensor.raw_data.is_empty() || tensor.raw_data.len() % 4 == 0;
+    let stored_bytes_ok = tensor.raw_data.is_empty() || tensor.raw_data.len().is_multiple_of(4);
     if values.len() != declared || !stored_bytes_ok {
         return Err(WeightError::WrongElementCount {
             name: tensor.name.clone(),
