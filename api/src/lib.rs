@@ -24,8 +24,9 @@ pub use crate::model::{
     ModelSpec, ModelStatus, ModelVersion, OciSource, TensorSpec, ValidationFigures, ValidationGate,
 };
 pub use crate::model_rollout::{
-    AnalysisResult, AnalysisSpec, AnalysisStep, CohortFigures, FinishedRollout, ModelRollout,
-    ModelRolloutSpec, ModelRolloutStatus, PauseStep, PoolProgress, RolloutPhase, RolloutStep,
+    ACTION_ABORT, ACTION_ANNOTATION, ACTION_PROMOTE, AnalysisResult, AnalysisSpec, AnalysisStep,
+    CohortFigures, FinishedRollout, ModelRollout, ModelRolloutSpec, ModelRolloutStatus, PauseStep,
+    PoolProgress, RolloutPhase, RolloutStep,
 };
 
 /// The API group of every Shoal resource.

@@ -126,6 +126,16 @@ pub struct ModelRolloutSpec {
     pub paused: bool,
 }
 
+/// Annotation through which a person acts on a running rollout: `promote` skips the
+/// current pause or analysis step (or leaves Degraded), `abort` sends every agent
+/// back to the stable version. The operator removes it once acted upon.
+/// (`spec.paused` pauses and resumes; `spec.version` set to an earlier version undoes.)
+pub const ACTION_ANNOTATION: &str = "shoal.dev/action";
+/// Value of [`ACTION_ANNOTATION`] that skips the current pause or analysis step.
+pub const ACTION_PROMOTE: &str = "promote";
+/// Value of [`ACTION_ANNOTATION`] that returns every agent to the stable version.
+pub const ACTION_ABORT: &str = "abort";
+
 /// The default of `spec.maxUnavailable`.
 pub const DEFAULT_MAX_UNAVAILABLE: &str = "25%";
 
@@ -269,9 +279,18 @@ pub struct ModelRolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RolloutPhase>,
 
-    /// Index in spec.steps of the step being carried out.
+    /// Index in spec.steps of the step being carried out; equal to the number of
+    /// steps while the last agents move after the final step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step: Option<i32>,
+
+    /// When the current step started (a timed pause ends from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+
+    /// What the rollout is doing or waiting for, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 
     /// Percent of agents (0 to 100) that serve the canary version now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -348,6 +367,14 @@ pub struct PoolProgress {
     /// Agents that serve the new version.
     #[serde(default)]
     pub ready: i32,
+
+    /// Agents assigned the new version that failed to load it or went silent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed: i32,
+}
+
+fn is_zero(value: &i32) -> bool {
+    *value == 0
 }
 
 /// One comparison of the canary cohort with the stable cohort.
@@ -405,6 +432,14 @@ pub struct FinishedRollout {
 
     /// How it ended: Succeeded, RolledBack or Aborted.
     pub phase: RolloutPhase,
+
+    /// The stable version it started from (what `kubectl shoal undo` goes back to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<String>,
+
+    /// Why it ended, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
