@@ -27,7 +27,6 @@ import ctypes
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import statistics

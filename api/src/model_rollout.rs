@@ -127,8 +127,9 @@ pub struct ModelRolloutSpec {
 }
 
 /// Annotation through which a person acts on a running rollout: `promote` skips the
-/// current pause or analysis step (or leaves Degraded), `abort` sends every agent
-/// back to the stable version. The operator removes it once acted upon.
+/// current step (a pause, an analysis, or the wait at a setWeight) and leaves
+/// Degraded once no agent is failing; `abort` sends every agent back to the stable
+/// version. The operator removes it once acted upon.
 /// (`spec.paused` pauses and resumes; `spec.version` set to an earlier version undoes.)
 pub const ACTION_ANNOTATION: &str = "shoal.dev/action";
 /// Value of [`ACTION_ANNOTATION`] that skips the current pause or analysis step.

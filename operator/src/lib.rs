@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod model_controller;
 pub mod model_plan;
 pub mod onnx_signature;
+pub mod rollout;

@@ -12,7 +12,7 @@ use shoal_operator::context::Context;
 use shoal_operator::edge_pool_daemonset::AgentDefaults;
 use shoal_operator::metrics::Metrics;
 use shoal_operator::{
-    compress_command, edge_pool_controller, fetch, http_server, model_controller,
+    compress_command, edge_pool_controller, fetch, http_server, model_controller, rollout,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -176,9 +176,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (model_synced, model_synced_rx) = tokio::sync::oneshot::channel();
     let (pool_synced, pool_synced_rx) = tokio::sync::oneshot::channel();
+    let (rollout_synced, rollout_synced_rx) = tokio::sync::oneshot::channel();
     let view_synced = fleet.clone();
     tokio::spawn(async move {
-        if model_synced_rx.await.is_ok() && pool_synced_rx.await.is_ok() {
+        if model_synced_rx.await.is_ok()
+            && pool_synced_rx.await.is_ok()
+            && rollout_synced_rx.await.is_ok()
+        {
             view_synced.cluster.wait_synced().await;
             readiness.set_ready();
             tracing::info!("controllers' caches synced; ready");
@@ -186,7 +190,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     tokio::join!(
         model_controller::run(ctx.clone(), args.namespace.clone(), model_synced),
-        edge_pool_controller::run(ctx.clone(), fleet, args.namespace.clone(), pool_synced),
+        edge_pool_controller::run(
+            ctx.clone(),
+            fleet.clone(),
+            args.namespace.clone(),
+            pool_synced
+        ),
+        rollout::controller::run(ctx.clone(), fleet, args.namespace.clone(), rollout_synced),
     );
     tracing::info!("shoal-operator stopped");
     Ok(())

@@ -127,7 +127,16 @@ impl Setup {
         self.api::<ModelRollout>()
             .create(&PostParams::default(), &rollout)
             .await?;
-        self.wait_model_version("1.0").await
+        self.wait_model_version("1.0").await?;
+        // Assignments follow the plan the rollout controller writes in status.
+        wait_for(&self.api::<ModelRollout>(), ROLLOUT, WAIT, |rollout| {
+            rollout
+                .status
+                .as_ref()
+                .is_some_and(|s| s.canary_version.as_deref() == Some("1.0"))
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn wait_model_version(&self, version: &str) -> anyhow::Result<()> {

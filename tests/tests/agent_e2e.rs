@@ -128,7 +128,10 @@ impl Setup {
         let rollout: ModelRollout = serde_json::from_value(json!({
             "apiVersion": "shoal.dev/v1alpha1", "kind": "ModelRollout",
             "metadata": { "name": ROLLOUT },
-            "spec": { "model": MODEL, "version": "1.0", "pools": [POOL] },
+            // These tests are about the agent: a version it refuses must stay
+            // assigned (so it keeps retrying) rather than be rolled back, which
+            // rollout_e2e.rs tests.
+            "spec": { "model": MODEL, "version": "1.0", "pools": [POOL], "autoRollback": false },
         }))?;
         self.api::<ModelRollout>()
             .create(&PostParams::default(), &rollout)

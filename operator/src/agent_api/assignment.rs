@@ -2,6 +2,7 @@
 //! that names one answer. Pure: no I/O, no clock; the long-poll handler calls it.
 
 use crate::model_plan::digest_hex;
+use crate::rollout::cohort;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
@@ -14,13 +15,15 @@ use std::collections::{BTreeMap, BTreeSet};
 ///
 /// - A node belongs to a pool when the pool's nodeSelector matches its labels.
 /// - A ModelRollout assigns its model to every node of every pool in `spec.pools`
-///   (pools and Model in the rollout's own namespace).
-/// - Without steps, the node gets `spec.version` once that version is Ready in the
-///   Model's `status.versions`; until then it keeps the rollout's
-///   `status.stableVersion` (when Ready), else nothing from this rollout.
-/// - With steps, the rollout assigns nothing new yet: its nodes keep the stable
-///   version. Moving cohorts step by step is the ModelRollout controller's job (next
-///   issue), which will also maintain `status.stableVersion`.
+///   (pools and Model in the rollout's own namespace), following the plan its
+///   controller keeps in `status` (see `rollout::steps`): a node is a canary when,
+///   in one of its pools, it ranks among the `status.pools[].updated` lowest
+///   (`rollout::cohort`) while `status.canaryVersion` is set; a canary gets the
+///   canary version, every other node `status.stableVersion` — each only once Ready
+///   in the Model's `status.versions`. So an agent is only ever assigned one of the
+///   plan's two versions.
+/// - `pool_nodes` holds, by `namespace/pool`, the names of the nodes each pool
+///   selects (the canary ranking is over a pool's nodes).
 /// - When several rollouts assign the same model name to the node, the newest
 ///   rollout (creationTimestamp, then namespace/name) wins: an agent serves one
 ///   version per name under `/v2/models/{name}`.
@@ -30,6 +33,7 @@ pub fn assignment_for_node(
     pools: &[&EdgePool],
     rollouts: &[&ModelRollout],
     models: &[&Model],
+    pool_nodes: &BTreeMap<String, Vec<String>>,
 ) -> Assignment {
     let member_of: BTreeSet<(String, String)> = pools
         .iter()
@@ -40,12 +44,13 @@ pub fn assignment_for_node(
     let mut chosen: BTreeMap<String, (&ModelRollout, AssignedModel)> = BTreeMap::new();
     for rollout in rollouts {
         let namespace = rollout.namespace().unwrap_or_default();
-        let targets_node = rollout
+        let node_pools: Vec<&String> = rollout
             .spec
             .pools
             .iter()
-            .any(|pool| member_of.contains(&(namespace.clone(), pool.clone())));
-        if !targets_node {
+            .filter(|pool| member_of.contains(&(namespace.clone(), (*pool).clone())))
+            .collect();
+        if node_pools.is_empty() {
             continue;
         }
         let Some(model) = models.iter().find(|model| {
@@ -58,7 +63,7 @@ pub fn assignment_for_node(
             .status
             .as_ref()
             .map_or(&[][..], |status| status.versions.as_slice());
-        let Some(version) = version_to_serve(rollout, ready) else {
+        let Some(version) = version_to_serve(rollout, ready, node, &node_pools, pool_nodes) else {
             continue;
         };
         let Some(assigned) = assigned_model(&model.name_any(), version) else {
@@ -95,17 +100,36 @@ pub fn node_selector(selector: &LabelSelector) -> Option<Selector> {
 fn version_to_serve<'a>(
     rollout: &ModelRollout,
     ready: &'a [ModelVersion],
+    node: &str,
+    node_pools: &[&String],
+    pool_nodes: &BTreeMap<String, Vec<String>>,
 ) -> Option<&'a ModelVersion> {
+    let status = rollout.status.as_ref()?;
     let find = |wanted: &str| ready.iter().find(|entry| entry.version == wanted);
-    let stable = rollout
-        .status
-        .as_ref()
-        .and_then(|status| status.stable_version.as_deref())
-        .and_then(find);
-    if !rollout.spec.steps.is_empty() {
+    let stable = status.stable_version.as_deref().and_then(find);
+    let Some(canary) = status.canary_version.as_deref().and_then(find) else {
         return stable;
-    }
-    find(&rollout.spec.version).or(stable)
+    };
+    let namespace = rollout.namespace().unwrap_or_default();
+    let name = rollout.name_any();
+    let is_canary = node_pools.iter().any(|pool| {
+        let updated = status
+            .pools
+            .iter()
+            .find(|progress| &&progress.pool == pool)
+            .map_or(0, |progress| progress.updated.max(0) as usize);
+        let members = pool_nodes
+            .get(&format!("{namespace}/{pool}"))
+            .map_or(&[][..], Vec::as_slice);
+        cohort::is_canary(
+            &namespace,
+            &name,
+            node,
+            members.iter().map(String::as_str),
+            updated,
+        )
+    });
+    if is_canary { Some(canary) } else { stable }
 }
 
 /// None when the status holds a digest agents could not download or verify.
@@ -202,8 +226,11 @@ mod tests {
         model: &'a str,
         version: &'a str,
         pools: &'a [&'a str],
-        steps: bool,
         stable: Option<&'a str>,
+        /// status.canaryVersion is `version`.
+        canary: bool,
+        /// status.pools[stores].updated.
+        updated: i32,
         created: &'a str,
     }
 
@@ -213,19 +240,15 @@ mod tests {
         model: "ranker",
         version: "2.0",
         pools: &["stores"],
-        steps: false,
         stable: None,
+        canary: true,
+        updated: 1,
         created: "2025-01-01T00:00:00Z",
     };
 
     fn rollout(fixture: RolloutFixture) -> ModelRollout {
-        let steps = if fixture.steps {
-            "  steps: [{setWeight: 10}]\n"
-        } else {
-            ""
-        };
         let mut rollout: ModelRollout = serde_yaml::from_str(&format!(
-            "apiVersion: shoal.dev/v1alpha1\nkind: ModelRollout\nmetadata: {{name: {}, namespace: {}, creationTimestamp: '{}'}}\nspec:\n  model: {}\n  version: '{}'\n  pools: [{}]\n{steps}",
+            "apiVersion: shoal.dev/v1alpha1\nkind: ModelRollout\nmetadata: {{name: {}, namespace: {}, creationTimestamp: '{}'}}\nspec:\n  model: {}\n  version: '{}'\n  pools: [{}]\n",
             fixture.name,
             fixture.namespace,
             fixture.created,
@@ -234,8 +257,14 @@ mod tests {
             fixture.pools.join(", "),
         ))
         .expect("test rollout parses");
-        rollout.status = fixture.stable.map(|stable| shoal_api::ModelRolloutStatus {
-            stable_version: Some(stable.to_string()),
+        rollout.status = Some(shoal_api::ModelRolloutStatus {
+            stable_version: fixture.stable.map(str::to_string),
+            canary_version: fixture.canary.then(|| fixture.version.to_string()),
+            pools: vec![shoal_api::PoolProgress {
+                pool: "stores".into(),
+                updated: fixture.updated,
+                ..Default::default()
+            }],
             ..Default::default()
         });
         rollout
@@ -258,8 +287,18 @@ mod tests {
         let pools: Vec<&EdgePool> = pools.iter().collect();
         let rollouts: Vec<&ModelRollout> = rollouts.iter().collect();
         let models: Vec<&Model> = models.iter().collect();
-        let assignment =
-            assignment_for_node("n1", &labels(node_labels), &pools, &rollouts, &models);
+        let pool_nodes = BTreeMap::from([
+            ("shop/stores".to_string(), vec!["n1".to_string()]),
+            ("other/stores".to_string(), vec!["n1".to_string()]),
+        ]);
+        let assignment = assignment_for_node(
+            "n1",
+            &labels(node_labels),
+            &pools,
+            &rollouts,
+            &models,
+            &pool_nodes,
+        );
         assert_eq!(assignment.node, "n1");
         assignment
             .models
@@ -298,7 +337,7 @@ mod tests {
         }
         let cases = vec![
             Case {
-                what: "step-less rollout of a Ready version",
+                what: "the canary cohort covers the pool: the canary version",
                 node: STORE_NODE,
                 pools: vec![stores()],
                 rollouts: vec![rollout(ROLLOUT)],
@@ -314,7 +353,7 @@ mod tests {
                 want: vec![],
             },
             Case {
-                what: "target not Ready and no stable version: nothing",
+                what: "canary not Ready and no stable version: nothing",
                 node: STORE_NODE,
                 pools: vec![stores()],
                 rollouts: vec![rollout(ROLLOUT)],
@@ -322,7 +361,7 @@ mod tests {
                 want: vec![],
             },
             Case {
-                what: "target not Ready: keeps the stable version",
+                what: "canary not Ready: keeps the stable version",
                 node: STORE_NODE,
                 pools: vec![stores()],
                 rollouts: vec![rollout(RolloutFixture {
@@ -333,11 +372,11 @@ mod tests {
                 want: vec![entry("ranker", "1.0", A)],
             },
             Case {
-                what: "rollout with steps assigns nothing new: stable version only",
+                what: "outside the canary cohort (updated 0): the stable version",
                 node: STORE_NODE,
                 pools: vec![stores()],
                 rollouts: vec![rollout(RolloutFixture {
-                    steps: true,
+                    updated: 0,
                     stable: Some("1.0"),
                     ..ROLLOUT
                 })],
@@ -345,11 +384,11 @@ mod tests {
                 want: vec![entry("ranker", "1.0", A)],
             },
             Case {
-                what: "rollout with steps and no stable version: nothing",
+                what: "no plan in status yet: nothing",
                 node: STORE_NODE,
                 pools: vec![stores()],
                 rollouts: vec![rollout(RolloutFixture {
-                    steps: true,
+                    canary: false,
                     ..ROLLOUT
                 })],
                 models: vec![ranker_1_2()],
@@ -470,6 +509,45 @@ mod tests {
             let got = served(case.node, &case.pools, &case.rollouts, &case.models);
             assert_eq!(got, case.want, "{}", case.what);
         }
+    }
+
+    #[test]
+    fn canaries_are_the_lowest_ranked_nodes_of_the_pool() {
+        let stores = pool("shop", "stores", "{matchLabels: {site: store}}");
+        let ranker = model("shop", "ranker", &[("1.0", A), ("2.0", B)]);
+        let plan = rollout(RolloutFixture {
+            stable: Some("1.0"),
+            updated: 3,
+            ..ROLLOUT
+        });
+        let names: Vec<String> = (0..10).map(|i| format!("store-{i}")).collect();
+        let pool_nodes = BTreeMap::from([("shop/stores".to_string(), names.clone())]);
+        let mut canaries: Vec<&str> = names
+            .iter()
+            .filter(|node| {
+                let assignment = assignment_for_node(
+                    node,
+                    &labels(STORE_NODE),
+                    &[&stores],
+                    &[&plan],
+                    &[&ranker],
+                    &pool_nodes,
+                );
+                let version = &assignment.models[0].version;
+                assert!(
+                    version == "1.0" || version == "2.0",
+                    "only the plan's versions"
+                );
+                version == "2.0"
+            })
+            .map(String::as_str)
+            .collect();
+        canaries.sort();
+        let mut expected =
+            cohort::canary_order("shop", "ranker-rollout", names.iter().map(String::as_str))[..3]
+                .to_vec();
+        expected.sort();
+        assert_eq!(canaries, expected);
     }
 
     #[test]

@@ -14,7 +14,9 @@ use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use shoal_api::agent_protocol::Assignment;
-use shoal_api::{EdgePool, Model, ModelRollout, ModelRolloutStatus, ModelStatus};
+use shoal_api::{
+    EdgePool, Model, ModelRollout, ModelRolloutStatus, ModelStatus, PoolProgress, RolloutPhase,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::sync::{RwLock, RwLockReadGuard};
@@ -137,8 +139,32 @@ impl ClusterView {
             .items
             .get(node)
             .map_or(&no_labels, |info| &info.labels);
+        // The canary ranking runs over the pool's nodes; only rollouts with a canary
+        // need them, and only this agent's pool matters.
+        let mut pool_nodes = BTreeMap::new();
+        if rollouts.iter().any(|r| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.canary_version.is_some())
+        }) && let Some(pool) = pools.first()
+            && let Some(selector) = node_selector(&pool.spec.node_selector)
+        {
+            let members = state
+                .nodes
+                .items
+                .iter()
+                .filter(|(_, info)| selector.matches(&info.labels))
+                .map(|(name, _)| name.clone())
+                .collect();
+            pool_nodes.insert(namespaced_key(namespace, &pool.name_any()), members);
+        }
         Some(assignment_for_node(
-            node, labels, &pools, &rollouts, &models,
+            node,
+            labels,
+            &pools,
+            &rollouts,
+            &models,
+            &pool_nodes,
         ))
     }
 
@@ -147,6 +173,26 @@ impl ClusterView {
             .pools
             .items
             .contains_key(&namespaced_key(namespace, pool))
+    }
+
+    /// The ModelRollouts of a namespace as the view keeps them (spec and plan only).
+    pub fn rollouts_in(&self, namespace: &str) -> Vec<ModelRollout> {
+        self.read()
+            .rollouts
+            .items
+            .values()
+            .filter(|rollout| rollout.namespace().as_deref() == Some(namespace))
+            .cloned()
+            .collect()
+    }
+
+    /// A Model as the view keeps it (spec and Ready versions).
+    pub fn model(&self, namespace: &str, name: &str) -> Option<Model> {
+        self.read()
+            .models
+            .items
+            .get(&namespaced_key(namespace, name))
+            .cloned()
     }
 
     pub fn has_node(&self, node: &str) -> bool {
@@ -421,13 +467,31 @@ fn trim_pool(pool: EdgePool) -> (String, EdgePool) {
     (object_key(&trimmed), trimmed)
 }
 
+/// A rollout keeps its spec and the plan its controller wrote: the stable version,
+/// the canary version while the rollout runs, and how many agents of each pool get
+/// it. Counts of ready agents, analysis figures and messages change often and decide
+/// no assignment: they are dropped so they wake no agent.
 fn trim_rollout(rollout: ModelRollout) -> (String, ModelRollout) {
-    let stable_version = rollout.status.and_then(|status| status.stable_version);
+    let status = rollout.status.unwrap_or_default();
+    let running = status
+        .phase
+        .is_some_and(|phase| !phase.is_finished() && phase != RolloutPhase::Unknown);
     let trimmed = ModelRollout {
         metadata: trimmed_meta(&rollout.metadata),
         spec: rollout.spec,
         status: Some(ModelRolloutStatus {
-            stable_version,
+            stable_version: status.stable_version,
+            canary_version: status.canary_version.filter(|_| running),
+            pools: status
+                .pools
+                .into_iter()
+                .filter(|_| running)
+                .map(|progress| PoolProgress {
+                    pool: progress.pool,
+                    updated: progress.updated,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         }),
     };

@@ -1,0 +1,159 @@
+//! Which agents of a pool are canaries, and how many may be. Pure.
+//!
+//! Every node gets a rank key: a hash of the rollout's namespace and name and the
+//! node's name. A pool's canaries are the `count` nodes with the lowest keys, so the
+//! same nodes stay canaries as the weight grows, across operator restarts, and on
+//! every replica, without storing a list of nodes anywhere.
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+/// The node's rank key for one rollout: lower keys become canaries first.
+pub fn rank_key(namespace: &str, rollout: &str, node: &str) -> u64 {
+    let digest = Sha256::digest(format!("{namespace}/{rollout}/{node}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Whether `node` is among the `count` lowest-ranked of `pool_nodes` (which includes
+/// it). Ties, vanishingly rare, go by node name.
+pub fn is_canary<'a>(
+    namespace: &str,
+    rollout: &str,
+    node: &str,
+    pool_nodes: impl IntoIterator<Item = &'a str>,
+    count: usize,
+) -> bool {
+    if count == 0 {
+        return false;
+    }
+    let own = (rank_key(namespace, rollout, node), node);
+    let below = pool_nodes
+        .into_iter()
+        .filter(|other| (rank_key(namespace, rollout, other), *other) < own)
+        .count();
+    below < count
+}
+
+/// The pool's nodes in canary order (lowest rank key first).
+pub fn canary_order<'a>(
+    namespace: &str,
+    rollout: &str,
+    nodes: impl IntoIterator<Item = &'a str>,
+) -> Vec<&'a str> {
+    let mut ranked: Vec<(u64, &str)> = nodes
+        .into_iter()
+        .map(|node| (rank_key(namespace, rollout, node), node))
+        .collect();
+    ranked.sort();
+    ranked.into_iter().map(|(_, node)| node).collect()
+}
+
+/// Agents that must serve the new version at `weight` percent of `agents`: rounded
+/// up, so any weight above 0 moves at least one agent.
+pub fn target_count(weight: i32, agents: i32) -> i32 {
+    let weight = weight.clamp(0, 100) as i64;
+    ((weight * agents.max(0) as i64 + 99) / 100) as i32
+}
+
+/// `maxUnavailable` as a number of agents of a pool of `agents`: a number as is, a
+/// percent rounded down; never below 1, or a rollout could never move.
+pub fn max_unavailable(value: &IntOrString, agents: i32) -> i32 {
+    let count = match value {
+        IntOrString::Int(n) => *n,
+        IntOrString::String(text) => match text.strip_suffix('%').map(str::parse::<i64>) {
+            Some(Ok(percent)) => (percent.clamp(0, 100) * agents.max(0) as i64 / 100) as i32,
+            _ => text.parse().unwrap_or(1),
+        },
+    };
+    count.max(1)
+}
+
+/// How many agents of a pool to assign the new version now: toward `target`, but
+/// with at most `max_unavailable` assigned and not yet serving it (`ready` do). Never
+/// takes back an assignment already made below the target.
+pub fn next_updated(previous: i32, target: i32, ready: i32, max_unavailable: i32) -> i32 {
+    let allowed = ready.saturating_add(max_unavailable);
+    target.min(allowed).max(previous.min(target)).max(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("store-{i:03}")).collect()
+    }
+
+    #[test]
+    fn canaries_grow_as_a_prefix_and_are_stable() {
+        let names = nodes(40);
+        let pool: Vec<&str> = names.iter().map(String::as_str).collect();
+        let canaries = |count: usize| -> Vec<&str> {
+            pool.iter()
+                .copied()
+                .filter(|node| is_canary("shop", "ranker", node, pool.iter().copied(), count))
+                .collect()
+        };
+        let mut previous: Vec<&str> = Vec::new();
+        for count in [0, 1, 4, 10, 20, 40] {
+            let now = canaries(count);
+            assert_eq!(now.len(), count);
+            assert!(
+                previous.iter().all(|node| now.contains(node)),
+                "a canary stays one"
+            );
+            previous = now;
+        }
+        let order = canary_order("shop", "ranker", pool.iter().copied());
+        let mut first_four = order[..4].to_vec();
+        first_four.sort();
+        assert_eq!(first_four, canaries(4));
+    }
+
+    #[test]
+    fn another_rollout_picks_other_canaries() {
+        let names = nodes(40);
+        let pool: Vec<&str> = names.iter().map(String::as_str).collect();
+        let a = canary_order("shop", "ranker", pool.iter().copied());
+        let b = canary_order("shop", "search", pool.iter().copied());
+        assert_ne!(a[..5], b[..5]);
+    }
+
+    #[test]
+    fn target_counts_round_up() {
+        assert_eq!(target_count(0, 10), 0);
+        assert_eq!(target_count(1, 10), 1);
+        assert_eq!(target_count(20, 10), 2);
+        assert_eq!(target_count(25, 10), 3);
+        assert_eq!(target_count(100, 10), 10);
+        assert_eq!(target_count(50, 0), 0);
+        assert_eq!(target_count(150, 4), 4);
+    }
+
+    #[test]
+    fn max_unavailable_numbers_and_percents() {
+        let s = |t: &str| IntOrString::String(t.into());
+        assert_eq!(max_unavailable(&IntOrString::Int(3), 10), 3);
+        assert_eq!(max_unavailable(&IntOrString::Int(0), 10), 1);
+        assert_eq!(max_unavailable(&s("25%"), 10), 2);
+        assert_eq!(max_unavailable(&s("25%"), 2), 1);
+        assert_eq!(max_unavailable(&s("100%"), 7), 7);
+        assert_eq!(max_unavailable(&s("5"), 7), 5);
+    }
+
+    #[test]
+    fn updates_move_at_most_max_unavailable_ahead_of_ready() {
+        // target 10, nothing ready, 2 at a time.
+        assert_eq!(next_updated(0, 10, 0, 2), 2);
+        assert_eq!(next_updated(2, 10, 1, 2), 3);
+        assert_eq!(next_updated(3, 10, 3, 2), 5);
+        assert_eq!(next_updated(9, 10, 9, 2), 10);
+        // Already assigned agents keep their assignment when some stop reporting ready.
+        assert_eq!(next_updated(5, 10, 0, 2), 5);
+        // The target shrank (weight lowered by a new rollout): cap at the target.
+        assert_eq!(next_updated(5, 3, 5, 2), 3);
+        assert_eq!(next_updated(0, 0, 0, 2), 0);
+    }
+}
