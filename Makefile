@@ -103,9 +103,9 @@ demo: deps build test-models example-model
 clean: cluster-down
 	rm -rf target/cluster
 
-## demo-down: stop the demo's operator and model server, then the control plane
+## demo-down: stop the demo's traffic, agents, operator and model server, then the control plane
 demo-down:
-	-@for p in target/demo/operator.pid target/demo/model-server.pid target/demo/agent-*.pid; do [[ -f $$p ]] && kill $$(cat $$p) 2>/dev/null; rm -f $$p; done
+	-@for p in target/demo/traffic.pid target/demo/operator.pid target/demo/model-server.pid target/demo/agent-*.pid; do [[ -f $$p ]] && kill $$(cat $$p) 2>/dev/null; rm -f $$p; done
 	tests/cluster/down.sh
 
 # The Python peer of the benchmark: KServe's ModelServer with onnxruntime, cached by version.

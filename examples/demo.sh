@@ -3,9 +3,10 @@
 # installs the CRDs, starts the operator, simulates three edge nodes with kwok,
 # applies the example product recommender (trained on MovieLens-100k by
 # examples/recommender/) with int8 compression behind an accuracy gate, and an
-# EdgePool, waits until both are Ready, then rolls the model out to real
-# shoal-agent processes (one per store node, each with its own pod-bound token)
-# and asks them for recommendations.
+# EdgePool, starts a real shoal-agent for each store node (each with its own
+# pod-bound token), rolls version 1.0 out, sends traffic, rolls 2.0 out step by
+# step with a live view, then rolls out a deliberately broken 3.0 that the
+# canary analysis catches and rolls back.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -14,16 +15,19 @@ export PATH="${SHOAL_CACHE:-$HOME/.cache/shoal}/bin/current:$PATH"
 demo="$repo/target/demo"
 recommender=${SHOAL_RECOMMENDER_DIR:?run the demo with make demo (it trains the example model)}
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# `kubectl shoal` is target/debug/kubectl-shoal, found on PATH like any kubectl plugin.
+export PATH="$repo/target/debug:$PATH"
+stores=(store-berlin store-lyon store-milan store-porto)
 
-step "1/8 Local control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok)"
+step "1/10 Local control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok)"
 tests/cluster/up.sh
 
-step "2/8 Shoal's CRDs"
+step "2/10 Shoal's CRDs"
 kubectl apply --server-side --force-conflicts --field-manager shoal-demo -f crds/shoal.dev.yaml
 kubectl wait --for condition=Established --timeout 60s -f crds/shoal.dev.yaml
 
-step "3/8 Three simulated edge nodes (kwok): two stores and a warehouse"
-for node in store-berlin store-lyon warehouse-rotterdam; do
+step "3/10 Five simulated edge nodes (kwok): four stores and a warehouse"
+for node in "${stores[@]}" warehouse-rotterdam; do
   site=store; [[ $node == warehouse-* ]] && site=warehouse
   kubectl apply --server-side --field-manager shoal-demo -f - <<NODE
 apiVersion: v1
@@ -40,17 +44,19 @@ status:
 NODE
 done
 
-step "4/8 shoal-operator (logs: target/demo/operator.log)"
+step "4/10 shoal-operator (logs: target/demo/operator.log)"
 mkdir -p "$demo"
 stop_pid() { if [[ -f $1 ]]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; fi; }
-stop_pid "$demo/operator.pid"; stop_pid "$demo/model-server.pid"
+stop_pid "$demo/operator.pid"; stop_pid "$demo/model-server.pid"; stop_pid "$demo/traffic.pid"
 for pid_file in "$demo"/agent-*.pid; do stop_pid "$pid_file"; done
-kubectl create namespace shoal-demo --dry-run=client -o yaml | kubectl apply -f -
+kubectl delete namespace shoal-demo --ignore-not-found --wait=true >/dev/null
+kubectl create namespace shoal-demo
+rm -rf "$demo/artifacts" "$demo/agents"
 setsid target/debug/shoal-operator run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
   --metrics-addr 127.0.0.1:18080 --agent-api-addr 127.0.0.1:18443 --agent-api-url http://127.0.0.1:18443 \
-  >"$demo/operator.log" 2>&1 </dev/null &
+  --agent-stale-after 30s >"$demo/operator.log" 2>&1 </dev/null &
 echo $! >"$demo/operator.pid"
-# The model's HTTP source: a plain file server on loopback, as an object store would be.
+# The models' HTTP source: a plain file server on loopback, as an object store would be.
 setsid python3 -m http.server --bind 127.0.0.1 --directory "$recommender" 18081 \
   >"$demo/model-server.log" 2>&1 </dev/null &
 echo $! >"$demo/model-server.pid"
@@ -58,16 +64,14 @@ for _ in $(seq 60); do curl -sf http://127.0.0.1:18080/readyz >/dev/null && brea
 curl -sf http://127.0.0.1:18080/readyz >/dev/null || { tail -20 "$demo/operator.log"; exit 1; }
 echo "operator ready: http://127.0.0.1:18080/metrics"
 
-step "5/8 The product recommender (int8, gated on 64 real validation inputs) and an EdgePool"
+step "5/10 The product recommender 1.0 (int8, gated on 64 real validation inputs) and an EdgePool"
 # The validation inputs: one Open Inference Protocol request body per line.
 kubectl -n shoal-demo create configmap recommender-validation \
   --from-file=validation.jsonl="$recommender/validation.jsonl" --dry-run=client -o yaml | kubectl apply -f -
 # The quickstart Model with the sha256 of the model this machine trained.
-sha=$(sha256sum "$recommender/recommender.onnx" | cut -d' ' -f1)
-sed "s/sha256: .*/sha256: $sha/" examples/quickstart/model.yaml | kubectl apply -f -
+sha() { sha256sum "$recommender/$1" | cut -d' ' -f1; }
+sed "s/sha256: .*/sha256: $(sha recommender.onnx)/" examples/quickstart/model.yaml | kubectl apply -f -
 kubectl apply -f examples/quickstart/edge-pool.yaml
-
-step "6/8 Waiting for the Model and the EdgePool to be Ready"
 deadline=$((SECONDS + 180))
 until kubectl -n shoal-demo wait --for condition=Ready --timeout 2s model/product-recommender edgepool/stores >/dev/null 2>&1; do
   if ((SECONDS > deadline)); then
@@ -75,63 +79,114 @@ until kubectl -n shoal-demo wait --for condition=Ready --timeout 2s model/produc
     echo "timed out; operator log: $demo/operator.log" >&2
     exit 1
   fi
-  printf '\r  model: %-11s  pool: %s nodes, %s agents ready   ' \
+  printf '\r  model: %-11s  pool: %s nodes   ' \
     "$(kubectl -n shoal-demo get model product-recommender -o jsonpath='{.status.phase}')" \
-    "$(kubectl -n shoal-demo get edgepool stores -o jsonpath='{.status.nodes}')" \
-    "$(kubectl -n shoal-demo get edgepool stores -o jsonpath='{.status.agentsReady}')"
+    "$(kubectl -n shoal-demo get edgepool stores -o jsonpath='{.status.nodes}')"
 done
 echo
-kubectl -n shoal-demo get models,edgepools
-echo
-kubectl -n shoal-demo get model product-recommender -o jsonpath='{range .status.versions[*]}version {.version}: {.compression} artifact {.artifactDigest}{"\n"}  from source {.sourceDigest}{"\n"}  {.sourceBytes} -> {.artifactBytes} bytes ({.compressionRatio}x); validation: {.validation}{"\n"}  inputs {.inputs}, outputs {.outputs}{"\n"}{end}'
-step "7/8 Roll the model out to real agents on the two store nodes"
-kubectl apply -f examples/quickstart/rollout.yaml
+kubectl -n shoal-demo get model product-recommender -o jsonpath='{range .status.versions[*]}version {.version}: {.compression} artifact {.artifactDigest}{"\n"}  from source {.sourceDigest}{"\n"}  {.sourceBytes} -> {.artifactBytes} bytes ({.compressionRatio}x); validation: {.validation}{"\n"}{end}'
+
+step "6/10 Real agents on the four store nodes, and the rollout of 1.0"
 port=19001
-for node in store-berlin store-lyon; do
+agent_urls=()
+for node in "${stores[@]}"; do
   # Each agent proves who it is with a token bound to its node's agent pod,
   # exactly what the DaemonSet's projected token volume gives a real pod.
-  pod=$(kubectl -n shoal-demo get pods -l shoal.dev/pool=stores --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}')
+  pod=""
+  for _ in $(seq 60); do
+    pod=$(kubectl -n shoal-demo get pods -l shoal.dev/pool=stores --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
+    [[ -n $pod ]] && break
+    sleep 0.5
+  done
+  [[ -n $pod ]] || { echo "no agent pod for $node" >&2; exit 1; }
   mkdir -p "$demo/agents/$node"
   kubectl -n shoal-demo create token shoal-agent-stores --audience shoal --duration 1h \
     --bound-object-kind Pod --bound-object-name "$pod" >"$demo/agents/$node/token"
   setsid target/debug/shoal-agent --control-plane http://127.0.0.1:18443 --node "$node" \
     --cache-dir "$demo/agents/$node/cache" --token-file "$demo/agents/$node/token" \
-    --listen "127.0.0.1:$port" --report-seconds 5 >"$demo/agent-$node.log" 2>&1 </dev/null &
+    --listen "127.0.0.1:$port" --report-seconds 2 >"$demo/agent-$node.log" 2>&1 </dev/null &
   echo $! >"$demo/agent-$node.pid"
+  agent_urls+=("http://127.0.0.1:$port")
   echo "agent for $node: http://127.0.0.1:$port (log: target/demo/agent-$node.log)"
   port=$((port + 1))
 done
-deadline=$((SECONDS + 120))
-for port in 19001 19002; do
-  until curl -sf "http://127.0.0.1:$port/v2/models/product-recommender/ready" >/dev/null; do
-    if ((SECONDS > deadline)); then echo "agent on $port did not load the model; see target/demo/agent-*.log" >&2; exit 1; fi
-    printf '.'; sleep 1
+kubectl apply -f examples/quickstart/rollout.yaml
+wait_phase() { # phase timeout-seconds
+  local deadline=$((SECONDS + $2))
+  until [[ $(kubectl -n shoal-demo get modelrollout product-recommender -o jsonpath='{.status.phase}') == "$1" ]]; do
+    if ((SECONDS > deadline)); then
+      kubectl shoal status product-recommender -n shoal-demo || true
+      echo "the rollout did not reach $1 in $2 s; see $demo/operator.log" >&2
+      exit 1
+    fi
+    sleep 0.5
   done
-done
-echo " both agents serve product-recommender 1.0 (int8)"
+}
+wait_phase Succeeded 120
+kubectl shoal status product-recommender -n shoal-demo
 
-step "8/8 An inference request (Open Inference Protocol v2) and the fleet view"
-# Scores of all 1682 MovieLens items for user 42 (0-based); the top 5 are its recommendations.
+step "7/10 Traffic: 40 requests/s of random MovieLens users across the agents (log: target/demo/traffic.log)"
+setsid python3 examples/traffic.py --rate 40 --duration 900 "${agent_urls[@]}" \
+  >"$demo/traffic.log" 2>&1 </dev/null &
+echo $! >"$demo/traffic.pid"
 curl -s -H 'Content-Type: application/json' \
   --data '{"id":"demo-1","inputs":[{"name":"user_id","datatype":"INT64","shape":[1],"data":[42]}]}' \
-  http://127.0.0.1:19001/v2/models/product-recommender/infer \
+  "${agent_urls[0]}/v2/models/product-recommender/infer" \
   | python3 -c 'import json,sys; r=json.load(sys.stdin); d=r["outputs"][0]["data"]; top=sorted(range(len(d)), key=d.__getitem__, reverse=True)[:5]; print("model %s version %s scored %d items; top 5 for user 42 (MovieLens item ids): %s" % (r["model_name"], r["model_version"], len(d), [i + 1 for i in top]))'
-# Agents report every 5 s; the pool's status aggregates the reports.
-for _ in $(seq 30); do
-  [[ -n $(kubectl -n shoal-demo get edgepool stores -o jsonpath='{.status.versions}') ]] && break
-  sleep 1
-done
-kubectl -n shoal-demo get edgepool stores -o jsonpath='{range .status.versions[*]}{.agents} agents serve {.model} {.version}{"\n"}{end}'
+sleep 6
 
+step "8/10 Version 2.0 (retrained), rolled out step by step: 25%, pause, analysis, 50%, pause, analysis, 100%"
+kubectl -n shoal-demo patch model product-recommender --type merge -p "{\"spec\":{\"version\":\"2.0\",\"source\":{\"http\":{\"url\":\"http://127.0.0.1:18081/recommender-v2.onnx\",\"sha256\":\"$(sha recommender-v2.onnx)\"}}}}"
+kubectl -n shoal-demo wait --for jsonpath='{.status.latestVersion}'=2.0 --timeout 120s model/product-recommender
+v2_started=$SECONDS
+kubectl -n shoal-demo patch modelrollout product-recommender --type merge -p '{"spec":{"version":"2.0"}}'
+kubectl shoal status product-recommender -n shoal-demo --watch --timeout 5m
+wait_phase Succeeded 10
+v2_seconds=$((SECONDS - v2_started))
+
+step "9/10 Version 3.0, broken on purpose (most users fail), caught by the canary analysis"
+# No compression for 3.0: the accuracy gate would already refuse it, and this demo
+# is about what the rollout does with a version that passes static checks.
+kubectl -n shoal-demo patch model product-recommender --type json -p "[{\"op\":\"remove\",\"path\":\"/spec/compression\"},{\"op\":\"replace\",\"path\":\"/spec/version\",\"value\":\"3.0\"},{\"op\":\"replace\",\"path\":\"/spec/source\",\"value\":{\"http\":{\"url\":\"http://127.0.0.1:18081/recommender-broken.onnx\",\"sha256\":\"$(sha recommender-broken.onnx)\"}}}]"
+kubectl -n shoal-demo wait --for jsonpath='{.status.latestVersion}'=3.0 --timeout 120s model/product-recommender
+v3_started=$SECONDS
+kubectl -n shoal-demo patch modelrollout product-recommender --type merge -p '{"spec":{"version":"3.0"}}'
+kubectl shoal status product-recommender -n shoal-demo --watch --timeout 5m
+wait_phase RolledBack 10
+# The rollout is RolledBack once it has told every agent; done is when every agent
+# serves 2.0 alone again.
+for url in "${agent_urls[@]}"; do
+  until [[ $(curl -s "$url/v2/models/product-recommender" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("versions"))') == "['2.0']" ]]; do
+    if ((SECONDS - v3_started > 120)); then echo "$url still serves 3.0" >&2; exit 1; fi
+    sleep 0.2
+  done
+done
+v3_seconds=$((SECONDS - v3_started))
+
+step "10/10 What happened"
+kubectl -n shoal-demo get models,edgepools,modelrollouts
+echo
+kubectl -n shoal-demo get events --field-selector involvedObject.kind=ModelRollout \
+  --sort-by=.metadata.creationTimestamp -o custom-columns=TYPE:.type,REASON:.reason,MESSAGE:.message --no-headers 2>/dev/null \
+  | tail -20 || true
+echo
+kubectl -n shoal-demo get edgepool stores -o jsonpath='{range .status.versions[*]}{.agents} agents serve {.model} {.version}{"\n"}{end}'
+tail -3 "$demo/traffic.log"
 cat <<DONE
 
-Shoal is running. Poke at it:
-  export KUBECONFIG=$KUBECONFIG PATH=$(dirname "$(command -v kubectl)"):\$PATH
-  kubectl -n shoal-demo get models,edgepools,daemonsets,pods -o wide
-  kubectl explain model.spec.compression
-  kubectl -n shoal-demo get model product-recommender -o yaml          # lineage and gate figures
-  curl -s http://127.0.0.1:18080/metrics | grep -E 'shoal_(operator|fleet)'
+Summary
+  1.0: int8-compressed ($(kubectl -n shoal-demo get model product-recommender -o jsonpath='{.status.versions[0].compressionRatio}')x smaller), gated, on every store agent at once (first rollout).
+  2.0: 25% -> pause -> analysis -> 50% -> pause -> analysis -> 100% in ${v2_seconds}s, traffic flowing.
+  3.0: broken; the canary's error rate failed the analysis and every agent served 2.0
+       alone again ${v3_seconds}s after the rollout of 3.0 began.
+
+Shoal is running (traffic stops by itself after 15 minutes). Poke at it:
+  export KUBECONFIG=$KUBECONFIG PATH=$repo/target/debug:$(dirname "$(command -v kubectl)"):\$PATH
+  kubectl -n shoal-demo get models,edgepools,modelrollouts
+  kubectl shoal get rollouts -n shoal-demo
+  kubectl shoal status product-recommender -n shoal-demo
+  kubectl -n shoal-demo get events --field-selector involvedObject.kind=ModelRollout
   curl -s http://127.0.0.1:19001/v2/models/product-recommender       # model metadata from an agent
-  curl -s http://127.0.0.1:19001/metrics | grep shoal_agent
+  curl -s http://127.0.0.1:18080/metrics | grep -E 'shoal_(operator|fleet)'
 Stop everything: make demo-down
 DONE

@@ -34,13 +34,22 @@ mkdir -p "$(dirname "$out_dir")"
 tmp_out=$(mktemp -d "$out_dir.tmp.XXXXXX")
 trap 'rm -rf "$tmp_out"' EXIT
 # One BLAS thread: keeps training deterministic (byte-identical output) and off the other cores.
-PYTHONDONTWRITEBYTECODE=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-  "$python" "$here/train.py" --data-dir "$wheels" --out-dir "$tmp_out"
+export PYTHONDONTWRITEBYTECODE=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+"$python" "$here/train.py" --data-dir "$wheels" --out-dir "$tmp_out"
+# Version 2 for rollout demos: the same training with another seed.
+echo "Training version 2 (another seed)" >&2
+"$python" "$here/train.py" --data-dir "$wheels" --out-dir "$tmp_out/v2" --seed 20261202
+mv "$tmp_out/v2/recommender.onnx" "$tmp_out/recommender-v2.onnx"
+mv "$tmp_out/v2/quality.json" "$tmp_out/quality-v2.json"
+rm -rf "$tmp_out/v2"
+# Version 3: deliberately broken, for the rollback demo.
+"$python" "$here/break_model.py" "$tmp_out/recommender.onnx" "$tmp_out/recommender-broken.onnx"
 chmod 755 "$tmp_out"
 if [[ -d $out_dir ]]; then
   # OUT_DIR exists without a model (e.g. other files in it): move the files in one by one,
   # the model last so that its presence means the rest is there too.
-  mv "$tmp_out/validation.jsonl" "$tmp_out/quality.json" "$out_dir/"
+  mv "$tmp_out/validation.jsonl" "$tmp_out/quality.json" "$tmp_out/quality-v2.json" \
+    "$tmp_out/recommender-v2.onnx" "$tmp_out/recommender-broken.onnx" "$out_dir/"
   mv "$tmp_out/recommender.onnx" "$out_dir/"
 else
   mv "$tmp_out" "$out_dir"

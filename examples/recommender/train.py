@@ -187,6 +187,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="directory holding the recbole 1.2.1 wheel")
     parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="random seed (a second version of the model is the same training "
+                             "with another seed)")
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -195,10 +198,10 @@ def main():
     print(f"MovieLens-100k: {movielens.N_USERS} users, {movielens.N_ITEMS} items, "
           f"{len(train_users)} training interactions, {len(test_items)} held out", file=sys.stderr)
 
-    params = train(matrix, np.random.default_rng(SEED))
+    params = train(matrix, np.random.default_rng(args.seed))
     metadata = {
         "dataset": "MovieLens-100k (ml-100k.inter from the recbole 1.2.1 wheel on PyPI)",
-        "seed": str(SEED),
+        "seed": str(args.seed),
         "training_split": movielens.SPLIT_DESCRIPTION,
         "user_id_mapping": "user index = raw MovieLens user id - 1 (0..942)",
         "item_index_mapping": "item index = raw MovieLens item id - 1 (0..1681)",

@@ -175,9 +175,25 @@ impl Runner {
         }
         let plan = &self.plans[&shapes];
         let inputs = sample.iter().cloned().map(TValue::from).collect();
-        let outputs = plan.run(inputs).map_err(failed)?;
+        // tract panics on some inputs a model cannot take (an out-of-range Gather
+        // index, for one): that is a failed run, not a reason to lose the worker.
+        let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(inputs)))
+            .map_err(|payload| ValidationError::Run {
+                which: self.which,
+                sample: index,
+                reason: format!("tract panicked: {}", panic_message(payload.as_ref())),
+            })?
+            .map_err(failed)?;
         Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
     }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string())
 }
 
 /// An optimized plan for the concrete shapes and types of `sample`. Symbols the

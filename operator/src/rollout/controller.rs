@@ -166,7 +166,7 @@ async fn reconcile_rollout(
                     },
                     reason: event.reason.to_string(),
                     note: Some(event.message.clone()),
-                    action: "Rollout".into(),
+                    action: event.action.clone(),
                     secondary: None,
                 },
                 &rollout.object_ref(&()),

@@ -69,6 +69,9 @@ pub struct RolloutEvent {
     pub warning: bool,
     pub reason: &'static str,
     pub message: String,
+    /// What the event is about, distinct per transition ("StepStarted 2.0 step 3"):
+    /// Event recorders fold events with the same reason and action into one series.
+    pub action: String,
 }
 
 #[derive(Debug, Clone)]
@@ -595,10 +598,16 @@ impl Machine<'_> {
     }
 
     fn event(&mut self, warning: bool, reason: &'static str, message: String) {
+        let action = format!(
+            "{reason} {} step {}",
+            self.status.canary_version.as_deref().unwrap_or("-"),
+            self.status.current_step.unwrap_or(0) + 1
+        );
         self.events.push(RolloutEvent {
             warning,
             reason,
             message,
+            action,
         });
     }
 }
