@@ -354,10 +354,12 @@ impl Machine<'_> {
                     continue;
                 }
                 let left = total - elapsed;
-                self.status.message = Some(format!(
-                    "{position}: pausing {duration} ({}s left)",
-                    left.as_secs()
-                ));
+                let end = self
+                    .observation
+                    .now
+                    .checked_add(left)
+                    .unwrap_or(self.observation.now);
+                self.status.message = Some(format!("{position}: pausing {duration} (until {end})"));
                 self.requeue = self.requeue.min(left.max(Duration::from_millis(100)));
                 return;
             }
