@@ -1003,3 +1003,15 @@ impl Drop for Agent {
 fn agent_binary() -> anyhow::Result<PathBuf> {
     built_binary("SHOAL_AGENT_BIN", "shoal-agent")
 }
+
+/// The `kubectl-shoal` plugin binary: `$SHOAL_KUBECTL_SHOAL_BIN`, else
+/// `target/debug/kubectl-shoal` (`cargo build --workspace --bins` builds it).
+pub fn kubectl_shoal_binary() -> anyhow::Result<PathBuf> {
+    built_binary("SHOAL_KUBECTL_SHOAL_BIN", "kubectl-shoal")
+}
+
+/// The `shoal-agent` binary (`$SHOAL_AGENT_BIN`, else `target/debug/shoal-agent`),
+/// for tests that run it in standalone mode (`--model NAME=PATH`).
+pub fn shoal_agent_binary() -> anyhow::Result<PathBuf> {
+    agent_binary()
+}

@@ -47,9 +47,12 @@ struct RolloutContext {
     windows: Mutex<HashMap<String, AnalysisWindow>>,
 }
 
-/// Counters at the start of an analysis window, per node, for both cohorts.
+/// Counters at the start of an analysis window, per node, for both cohorts. A window
+/// covers one canary version at one weight: when the weight changes, the next verdict
+/// is about the new cohort only.
 struct AnalysisWindow {
     canary_version: String,
+    weight: i32,
     started: Timestamp,
     next_check: Timestamp,
     canary: HashMap<String, Counters>,
@@ -325,7 +328,7 @@ fn observe(
                 rctx,
                 &object_key(rollout),
                 analysis_spec,
-                canary,
+                (canary, status.weight.unwrap_or(0)),
                 now,
                 canary_now,
                 stable_now,
@@ -351,7 +354,7 @@ fn close_window(
     rctx: &RolloutContext,
     key: &str,
     spec: &shoal_api::AnalysisSpec,
-    canary_version: &str,
+    (canary_version, weight): (&str, i32),
     now: Timestamp,
     canary_now: HashMap<String, Counters>,
     stable_now: HashMap<String, Counters>,
@@ -362,13 +365,16 @@ fn close_window(
     let mut windows = lock(&rctx.windows);
     let fresh = |canary, stable| AnalysisWindow {
         canary_version: canary_version.to_string(),
+        weight,
         started: now,
         next_check: after(now),
         canary,
         stable,
     };
     let window = match windows.get_mut(key) {
-        Some(window) if window.canary_version == canary_version => window,
+        Some(window) if window.canary_version == canary_version && window.weight == weight => {
+            window
+        }
         _ => {
             windows.insert(key.to_string(), fresh(canary_now, stable_now));
             return None;
