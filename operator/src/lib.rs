@@ -11,6 +11,7 @@ pub mod edge_pool_controller;
 pub mod edge_pool_daemonset;
 pub mod fetch;
 pub mod http_server;
+pub mod leader;
 pub mod metrics;
 pub mod model_controller;
 pub mod model_plan;

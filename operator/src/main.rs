@@ -12,7 +12,7 @@ use shoal_operator::context::Context;
 use shoal_operator::edge_pool_daemonset::AgentDefaults;
 use shoal_operator::metrics::Metrics;
 use shoal_operator::{
-    compress_command, edge_pool_controller, fetch, http_server, model_controller, rollout,
+    compress_command, edge_pool_controller, fetch, http_server, leader, model_controller, rollout,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,6 +82,23 @@ struct RunArgs {
     /// Model compressions that may run at once; each keeps a core busy.
     #[arg(long, env = "SHOAL_MAX_CONCURRENT_COMPRESSIONS", default_value_t = 1)]
     max_concurrent_compressions: usize,
+    /// Run for leadership on a Lease, so that several replicas can run: only the
+    /// leader runs the controllers; every replica serves the agent API.
+    #[arg(long, env = "SHOAL_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "SHOAL_LEADER_ELECTION_LEASE",
+        default_value = "shoal-operator"
+    )]
+    leader_election_lease: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -173,6 +190,45 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %args.agent_api_addr, tls = agent_listener.is_tls(), "agent API listening");
     tokio::spawn(agent_listener.serve(agent_api.router()));
     fleet.follow_cluster(ctx.client.clone(), args.namespace.clone());
+
+    if args.leader_elect {
+        let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "shoal-operator".into());
+            format!("{host}-{}", std::process::id())
+        });
+        let config = leader::LeaseConfig::new(
+            args.leader_election_namespace.clone(),
+            args.leader_election_lease.clone(),
+            identity,
+        );
+        fleet.set_leading(false);
+        // A follower serves the agent API from its watches: ready once they synced.
+        let follower_ready = readiness.clone();
+        let view = fleet.clone();
+        tokio::spawn(async move {
+            view.cluster.wait_synced().await;
+            follower_ready.set_ready();
+        });
+        let (leading_tx, mut leading_rx) = tokio::sync::watch::channel(false);
+        let client = ctx.client.clone();
+        tokio::spawn(async move {
+            leader::campaign(client, config, leading_tx).await;
+            tracing::error!(
+                "stopped leading; exiting so that the restart rejoins as a candidate \
+                 (controllers must never run on two replicas)"
+            );
+            std::process::exit(1);
+        });
+        tracing::info!(lease = %args.leader_election_lease, namespace = %args.leader_election_namespace, "waiting to become the leader; serving the agent API meanwhile");
+        while !*leading_rx.borrow_and_update() {
+            if leading_rx.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+        fleet.set_leading(true);
+    }
 
     let (model_synced, model_synced_rx) = tokio::sync::oneshot::channel();
     let (pool_synced, pool_synced_rx) = tokio::sync::oneshot::channel();

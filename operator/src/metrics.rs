@@ -52,6 +52,58 @@ pub struct AgentApiLabels {
     pub code: u16,
 }
 
+/// One ModelRollout.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutLabels {
+    pub namespace: String,
+    pub rollout: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutPhaseLabels {
+    pub namespace: String,
+    pub rollout: String,
+    pub model: String,
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutEventLabels {
+    pub namespace: String,
+    pub rollout: String,
+    pub model: String,
+    /// The Event reason: RolloutStarted, StepStarted, Succeeded, RolledBack, ...
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CohortLabels {
+    pub namespace: String,
+    pub rollout: String,
+    pub model: String,
+    /// `canary` or `stable`.
+    pub cohort: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CompressionLabels {
+    /// `int8` or `fp16`.
+    pub mode: &'static str,
+    /// `passed`, `gate_failed` or `error`.
+    pub result: &'static str,
+}
+
+/// Every phase a rollout can be in, for the one-hot `shoal_rollout_phase` gauge.
+pub const ROLLOUT_PHASES: [&str; 6] = [
+    "Progressing",
+    "Paused",
+    "Succeeded",
+    "Degraded",
+    "RolledBack",
+    "Aborted",
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenReviewLabels {
     /// `authenticated`, `rejected` or `error`.
@@ -74,6 +126,13 @@ pub struct Metrics {
     agent_api_requests: Family<AgentApiLabels, Counter>,
     long_polls: Gauge,
     token_reviews: Family<TokenReviewLabels, Counter>,
+    compressions: Family<CompressionLabels, Counter>,
+    rollout_phase: Family<RolloutPhaseLabels, Gauge>,
+    rollout_weight: Family<RolloutLabels, Gauge>,
+    rollout_step_started: Family<RolloutLabels, Gauge>,
+    rollout_events: Family<RolloutEventLabels, Counter>,
+    rollout_error_ratio: Family<CohortLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    rollout_p99: Family<CohortLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// Counts one long-poll in flight until dropped.
@@ -157,6 +216,50 @@ impl Metrics {
             "TokenReviews the agent API sent to the API server (cache misses), per outcome",
             token_reviews.clone(),
         );
+        let compressions = Family::<CompressionLabels, Counter>::default();
+        registry.register(
+            "compressions",
+            "Model compressions run, by mode and result (passed, gate_failed, error)",
+            compressions.clone(),
+        );
+        let rollout_phase = Family::<RolloutPhaseLabels, Gauge>::default();
+        fleet_registry.register(
+            "shoal_rollout_phase",
+            "1 for the phase each ModelRollout is in, 0 for the others",
+            rollout_phase.clone(),
+        );
+        let rollout_weight = Family::<RolloutLabels, Gauge>::default();
+        fleet_registry.register(
+            "shoal_rollout_weight",
+            "Percent of agents each ModelRollout assigns its canary version (status.weight)",
+            rollout_weight.clone(),
+        );
+        let rollout_step_started = Family::<RolloutLabels, Gauge>::default();
+        fleet_registry.register(
+            "shoal_rollout_step_started_timestamp_seconds",
+            "Unix time the current step of each ModelRollout started",
+            rollout_step_started.clone(),
+        );
+        let rollout_events = Family::<RolloutEventLabels, Counter>::default();
+        fleet_registry.register(
+            "shoal_rollout_events",
+            "ModelRollout transitions (the Events the operator emitted), by reason",
+            rollout_events.clone(),
+        );
+        let rollout_error_ratio =
+            Family::<CohortLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        fleet_registry.register(
+            "shoal_rollout_analysis_error_ratio",
+            "Error rate (0 to 1) of each cohort in the last analysis of each ModelRollout",
+            rollout_error_ratio.clone(),
+        );
+        let rollout_p99 =
+            Family::<CohortLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        fleet_registry.register(
+            "shoal_rollout_analysis_p99_seconds",
+            "p99 latency of each cohort in the last analysis of each ModelRollout",
+            rollout_p99.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -171,7 +274,70 @@ impl Metrics {
             agent_api_requests,
             long_polls,
             token_reviews,
+            compressions,
+            rollout_phase,
+            rollout_weight,
+            rollout_step_started,
+            rollout_events,
+            rollout_error_ratio,
+            rollout_p99,
         }
+    }
+
+    pub fn compressed(&self, mode: &'static str, result: &'static str) {
+        self.compressions
+            .get_or_create(&CompressionLabels { mode, result })
+            .inc();
+    }
+
+    /// Sets the gauges of one rollout from its status.
+    pub fn rollout_status(&self, rollout: &RolloutLabels, status: &shoal_api::ModelRolloutStatus) {
+        let current = status.phase.map(|phase| format!("{phase:?}"));
+        for phase in ROLLOUT_PHASES {
+            let labels = RolloutPhaseLabels {
+                namespace: rollout.namespace.clone(),
+                rollout: rollout.rollout.clone(),
+                model: rollout.model.clone(),
+                phase,
+            };
+            let value = i64::from(current.as_deref() == Some(phase));
+            self.rollout_phase.get_or_create(&labels).set(value);
+        }
+        self.rollout_weight
+            .get_or_create(rollout)
+            .set(i64::from(status.weight.unwrap_or(0)));
+        if let Some(started) = &status.step_started_at {
+            self.rollout_step_started
+                .get_or_create(rollout)
+                .set(started.0.as_second());
+        }
+        if let Some(analysis) = &status.last_analysis {
+            for (cohort, figures) in [("canary", &analysis.canary), ("stable", &analysis.stable)] {
+                let labels = CohortLabels {
+                    namespace: rollout.namespace.clone(),
+                    rollout: rollout.rollout.clone(),
+                    model: rollout.model.clone(),
+                    cohort,
+                };
+                self.rollout_error_ratio
+                    .get_or_create(&labels)
+                    .set(figures.error_rate);
+                if let Some(p99) = figures.p99_ms {
+                    self.rollout_p99.get_or_create(&labels).set(p99 / 1000.0);
+                }
+            }
+        }
+    }
+
+    pub fn rollout_event(&self, rollout: &RolloutLabels, reason: &'static str) {
+        self.rollout_events
+            .get_or_create(&RolloutEventLabels {
+                namespace: rollout.namespace.clone(),
+                rollout: rollout.rollout.clone(),
+                model: rollout.model.clone(),
+                reason,
+            })
+            .inc();
     }
 
     pub fn reconciled(&self, controller: &'static str, took: Duration) {

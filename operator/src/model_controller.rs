@@ -343,6 +343,12 @@ async fn compress_version(
         }
     };
     let outcome = outcome.map_err(|e| Error::Interrupted(e.to_string()))??;
+    let result = match &outcome {
+        Err(_) => "error",
+        Ok(record) if record.gate_failure.is_some() => "gate_failed",
+        Ok(_) => "passed",
+    };
+    ctx.metrics.compressed(model_plan::mode_name(mode), result);
     Ok(match outcome {
         Err(error) => Err(Refusal {
             reason: error.reason(),

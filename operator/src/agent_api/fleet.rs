@@ -10,6 +10,7 @@ use crate::metrics::Metrics;
 use k8s_openapi::jiff::Timestamp;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// How often pool summaries are recomputed.
@@ -21,6 +22,9 @@ pub struct Fleet {
     /// An agent silent for longer than this counts as stale.
     pub stale_after: Duration,
     pub started: Timestamp,
+    /// Whether this replica leads (always, without leader election). Only the
+    /// leader takes reports: it is the one that writes status from them.
+    leading: AtomicBool,
 }
 
 impl Fleet {
@@ -31,7 +35,16 @@ impl Fleet {
             reports: ReportIndex::new(started),
             stale_after,
             started,
+            leading: AtomicBool::new(true),
         }
+    }
+
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(Ordering::Relaxed)
+    }
+
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::Relaxed);
     }
 
     /// Starts the watches that keep the cluster view current, in the background.

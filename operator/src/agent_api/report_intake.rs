@@ -18,6 +18,16 @@ pub async fn report(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let agent = api.authenticate(&headers, Some(&node)).await?;
+    if !api.fleet.is_leading() {
+        // Reports feed status and rollout analysis, which only the leader writes.
+        // Agents send cumulative counters, so the next report that reaches the
+        // leader loses nothing.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this operator replica is not the leader; send the next report again \
+             (through the Service it reaches any replica, the leader among them)",
+        ));
+    }
     let report: AgentReport = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!("the body is not an AgentReport in JSON: {error}"))
     })?;

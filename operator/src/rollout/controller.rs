@@ -29,6 +29,7 @@ use super::steps::{self, Action, Observation, PoolObservation};
 use crate::agent_api::fleet::Fleet;
 use crate::agent_api::pool_agents::{AgentState, agent_state};
 use crate::context::{Context, FIELD_MANAGER};
+use crate::metrics::RolloutLabels;
 
 pub const CONTROLLER: &str = "rollout";
 
@@ -156,7 +157,14 @@ async fn reconcile_rollout(
     if rollout.status.as_ref() != Some(&decision.status) {
         write_status(&api, rollout, &decision.status).await?;
     }
+    let labels = RolloutLabels {
+        namespace: rollout.namespace().unwrap_or_default(),
+        rollout: rollout.name_any(),
+        model: rollout.spec.model.clone(),
+    };
+    rctx.ctx.metrics.rollout_status(&labels, &decision.status);
     for event in &decision.events {
+        rctx.ctx.metrics.rollout_event(&labels, event.reason);
         tracing::info!(rollout = %key, reason = event.reason, message = %event.message, "rollout event");
         let published = rctx
             .recorder
