@@ -39,6 +39,10 @@ enum Command {
     /// Compress an ONNX model (int8 or fp16), validate it against the original and
     /// print a JSON report; the output is written only when the gate holds.
     Compress(Box<compress_command::CompressArgs>),
+    /// Print every metric this binary exports, each with an example series (for
+    /// dashboards and alert rules to be checked against).
+    #[command(hide = true)]
+    Metrics,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +122,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(*args).await,
+        Command::Metrics => {
+            print!("{}", Metrics::with_example_series().render());
+            Ok(())
+        }
         Command::Compress(args) => {
             let code = tokio::task::spawn_blocking(move || compress_command::run(*args)).await??;
             std::process::exit(code);

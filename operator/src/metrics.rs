@@ -411,6 +411,56 @@ impl Metrics {
             .inc();
     }
 
+    /// Metrics with one example series in every family, so that the exposition lists
+    /// every metric this binary exports (families without a series print nothing).
+    /// What `shoal-operator metrics` prints; the chart checks its queries against it.
+    pub fn with_example_series() -> Self {
+        let metrics = Self::new();
+        metrics.reconciled("model", Duration::from_millis(1));
+        metrics.reconcile_failed("model", "example");
+        metrics.fetched(0);
+        metrics.fleet_served(
+            FleetLabels {
+                namespace: "example".into(),
+                model: "example".into(),
+                version: "example".into(),
+                pool: "example".into(),
+            },
+            0,
+            0,
+        );
+        metrics.set_fleet_agents("example", "example", 0, 0);
+        metrics.agent_api_request("assignment", 200);
+        metrics.token_reviewed("authenticated");
+        metrics.compressed("int8", "passed");
+        let rollout = RolloutLabels {
+            namespace: "example".into(),
+            rollout: "example".into(),
+            model: "example".into(),
+        };
+        let figures = shoal_api::CohortFigures {
+            requests: 0,
+            error_rate: 0.0,
+            p99_ms: Some(0.0),
+        };
+        metrics.rollout_status(
+            &rollout,
+            &shoal_api::ModelRolloutStatus {
+                step_started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                )),
+                last_analysis: Some(shoal_api::AnalysisResult {
+                    canary: figures.clone(),
+                    stable: figures,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        metrics.rollout_event(&rollout, "Succeeded");
+        metrics
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
