@@ -8,7 +8,7 @@ use crate::context::{Context, FIELD_MANAGER};
 use crate::edge_pool_daemonset::{self, UnsupportedSelector};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus};
-use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
@@ -163,6 +163,16 @@ async fn reconcile_pool(pool: &EdgePool, ctx: &Context, fleet: &Fleet) -> Result
             &Patch::Apply(&edge_pool_daemonset::build_service_account(pool)),
         )
         .await?;
+    if let Some(ca) = &ctx.agent_defaults.control_plane_ca {
+        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+        config_maps
+            .patch(
+                &edge_pool_daemonset::ca_config_map_name(&name),
+                &apply,
+                &Patch::Apply(&edge_pool_daemonset::build_ca_config_map(pool, ca)),
+            )
+            .await?;
+    }
     let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let applied = daemon_sets
         .patch(&ds_name, &apply, &Patch::Apply(&daemon_set))

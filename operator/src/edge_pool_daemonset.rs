@@ -6,11 +6,11 @@ use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, SecurityContext, ServiceAccount,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -31,6 +31,34 @@ const CACHE_DIR: &str = "/var/cache/shoal";
 pub struct AgentDefaults {
     /// URL of the operator's agent API as seen from an edge node.
     pub control_plane_url: String,
+    /// PEM of the CA that signed the agent API's certificate, when agents cannot
+    /// verify it with public roots (a private or cert-manager CA). Put in a
+    /// ConfigMap per pool and passed to the agents as `--control-plane-ca`.
+    pub control_plane_ca: Option<String>,
+}
+
+const CA_DIR: &str = "/etc/shoal/ca";
+const CA_KEY: &str = "ca.crt";
+
+/// The name of a pool's CA ConfigMap: `shoal-agent-<pool>-ca`.
+pub fn ca_config_map_name(pool_name: &str) -> String {
+    format!("shoal-agent-{pool_name}-ca")
+}
+
+/// The ConfigMap holding the agent API's CA for a pool's agents, owned by the pool.
+pub fn build_ca_config_map(pool: &EdgePool, ca_pem: &str) -> ConfigMap {
+    let pool_name = pool.name_any();
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(ca_config_map_name(&pool_name)),
+            namespace: pool.namespace(),
+            labels: Some(agent_labels(&pool_name)),
+            owner_references: Some(pool.controller_owner_ref(&()).into_iter().collect()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(CA_KEY.to_string(), ca_pem.to_string())])),
+        ..Default::default()
+    }
 }
 
 /// The name of a pool's DaemonSet and ServiceAccount: `shoal-agent-<pool>`.
@@ -116,24 +144,48 @@ pub fn build_daemon_set(
     env.extend(agent.env.iter().cloned());
 
     let cache_bytes = agent.cache_size_or_default().0;
+    let mut args = vec![
+        "--control-plane".into(),
+        defaults.control_plane_url.clone(),
+        "--node".into(),
+        "$(NODE_NAME)".into(),
+        "--token-file".into(),
+        format!("{TOKEN_DIR}/token"),
+        "--cache-dir".into(),
+        CACHE_DIR.into(),
+        "--cache-size".into(),
+        cache_bytes,
+        "--listen".into(),
+        format!("0.0.0.0:{port}"),
+    ];
+    let mut volume_mounts = vec![
+        VolumeMount {
+            name: "model-cache".into(),
+            mount_path: CACHE_DIR.into(),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "shoal-token".into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
+    if defaults.control_plane_ca.is_some() {
+        args.push("--control-plane-ca".into());
+        args.push(format!("{CA_DIR}/{CA_KEY}"));
+        volume_mounts.push(VolumeMount {
+            name: "control-plane-ca".into(),
+            mount_path: CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: "agent".into(),
         image: Some(agent.image_or_default()),
         image_pull_policy: agent.image_pull_policy.clone(),
-        args: Some(vec![
-            "--control-plane".into(),
-            defaults.control_plane_url.clone(),
-            "--node".into(),
-            "$(NODE_NAME)".into(),
-            "--token-file".into(),
-            format!("{TOKEN_DIR}/token"),
-            "--cache-dir".into(),
-            CACHE_DIR.into(),
-            "--cache-size".into(),
-            cache_bytes,
-            "--listen".into(),
-            format!("0.0.0.0:{port}"),
-        ]),
+        args: Some(args),
         env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("inference".into()),
@@ -144,19 +196,7 @@ pub fn build_daemon_set(
         resources: agent.resources.clone(),
         readiness_probe: Some(http_probe("/v2/health/ready", port)),
         liveness_probe: Some(http_probe("/v2/health/live", port)),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "model-cache".into(),
-                mount_path: CACHE_DIR.into(),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "shoal-token".into(),
-                mount_path: TOKEN_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -171,7 +211,7 @@ pub fn build_daemon_set(
     };
 
     let namespace = pool.namespace().unwrap_or_default();
-    let volumes = vec![
+    let mut volumes = vec![
         // The cache must outlive the pod: an agent restarted while the WAN is down
         // serves its last-known-good models from here.
         Volume {
@@ -198,6 +238,17 @@ pub fn build_daemon_set(
             ..Default::default()
         },
     ];
+
+    if defaults.control_plane_ca.is_some() {
+        volumes.push(Volume {
+            name: "control-plane-ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ca_config_map_name(&pool_name),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
 
     let owner = pool
         .controller_owner_ref(&())
@@ -342,6 +393,7 @@ mod tests {
     fn defaults() -> AgentDefaults {
         AgentDefaults {
             control_plane_url: "https://shoal.shoal-system.svc:8443".into(),
+            control_plane_ca: None,
         }
     }
 
@@ -442,6 +494,54 @@ spec:
             .clone()
             .expect("sa token");
         assert_eq!(projection.audience.as_deref(), Some(AGENT_TOKEN_AUDIENCE));
+    }
+
+    #[test]
+    fn a_private_ca_is_mounted_and_passed_to_the_agents() {
+        let pool = pool(STORES);
+        let without = build_daemon_set(&pool, &defaults()).expect("builds");
+        let spec = without.spec.expect("spec").template.spec.expect("pod spec");
+        let args = spec.containers[0].args.clone().expect("args");
+        assert!(!args.contains(&"--control-plane-ca".to_string()));
+        let with_ca = AgentDefaults {
+            control_plane_ca: Some("-----BEGIN CERTIFICATE-----\n".into()),
+            ..defaults()
+        };
+        let daemon_set = build_daemon_set(&pool, &with_ca).expect("builds");
+        let spec = daemon_set
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod spec");
+        let args = spec.containers[0].args.clone().expect("args");
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--control-plane-ca" && w[1] == "/etc/shoal/ca/ca.crt"),
+            "{args:?}"
+        );
+        let volume = spec
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .find(|v| v.name == "control-plane-ca")
+            .expect("CA volume");
+        assert_eq!(
+            volume.config_map.expect("configMap").name,
+            "shoal-agent-stores-ca"
+        );
+        let config_map = build_ca_config_map(&pool, "PEM");
+        assert_eq!(
+            config_map.metadata.name.as_deref(),
+            Some("shoal-agent-stores-ca")
+        );
+        assert_eq!(config_map.data.expect("data")["ca.crt"], "PEM");
+        assert!(
+            config_map
+                .metadata
+                .owner_references
+                .is_some_and(|o| o.len() == 1)
+        );
     }
 
     #[test]

@@ -77,6 +77,11 @@ struct RunArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM file of the CA that signed --tls-cert, for agents that cannot verify it with
+    /// public roots: the operator gives it to each pool's agents (a ConfigMap
+    /// shoal-agent-<pool>-ca, passed as --control-plane-ca).
+    #[arg(long, env = "SHOAL_AGENT_API_CA")]
+    agent_api_ca: Option<PathBuf>,
     /// An agent that has not reported for this long counts as stale (90s, 2m, …).
     #[arg(long, env = "SHOAL_AGENT_STALE_AFTER", default_value = "90s", value_parser = parse_duration_flag)]
     agent_stale_after: Duration,
@@ -171,6 +176,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         artifacts.clone(),
         metrics.clone(),
     );
+    let control_plane_ca = match &args.agent_api_ca {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read --agent-api-ca {}; it must be the PEM of the CA that signed the agent API certificate",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
     let ctx = Arc::new(Context {
         client,
         artifacts,
@@ -179,6 +193,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         backoff: Backoff::default(),
         agent_defaults: AgentDefaults {
             control_plane_url: args.agent_api_url,
+            control_plane_ca,
         },
         max_model_bytes: args.max_model_bytes,
         compression_slots: tokio::sync::Semaphore::new(args.max_concurrent_compressions.max(1)),

@@ -69,7 +69,9 @@ cp "$chart/ci/prometheus-rules-test.yaml" "$work/"
 (cd "$work" && promtool test rules prometheus-rules-test.yaml)
 
 step "6. least privilege: the operator as the chart's ServiceAccount"
-helm install shoal "$chart" -n "$release_ns" --set agentApi.tls.enabled=false --wait=false >/dev/null
+# caKey grants the ConfigMap writes that hand a private CA to the agents.
+helm install shoal "$chart" -n "$release_ns" --set agentApi.tls.enabled=false \
+  --set agentApi.tls.caKey=ca.crt --wait=false >/dev/null
 sa=$(kubectl -n "$release_ns" get serviceaccount -l app.kubernetes.io/instance=shoal -o jsonpath='{.items[0].metadata.name}')
 lease=$(helm get values shoal -n "$release_ns" -a -o json | python3 -c 'import json,sys; print(json.load(sys.stdin).get("fullnameOverride") or "")')
 lease=${lease:-shoal-operator}
@@ -103,7 +105,7 @@ agent_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 
 KUBECONFIG="$work/sa.kubeconfig" POD_NAMESPACE="$release_ns" "${SHOAL_OPERATOR_BIN:-target/debug/shoal-operator}" run \
   --namespace "$flow_ns" --artifact-dir "$work/artifacts" \
   --metrics-addr "127.0.0.1:$metrics_port" --agent-api-addr "127.0.0.1:$agent_port" \
-  --agent-api-url "http://127.0.0.1:$agent_port" \
+  --agent-api-url "http://127.0.0.1:$agent_port" --agent-api-ca "$work/ca.crt" \
   --leader-elect --leader-election-lease "$lease" --leader-election-identity chart-check \
   >"$work/operator.log" 2>&1 &
 operator_pid=$!
@@ -139,8 +141,9 @@ wait_for() { # description command...
 }
 wait_for "the Model is Ready (fetched from a ConfigMap, fp16-compressed)" \
   kubectl -n "$flow_ns" wait --for condition=Ready --timeout 1s model/classifier
-wait_for "the EdgePool's DaemonSet and agent ServiceAccount exist" \
-  kubectl -n "$flow_ns" get daemonset/shoal-agent-chart-check serviceaccount/shoal-agent-chart-check
+wait_for "the EdgePool's DaemonSet, agent ServiceAccount and CA ConfigMap exist" \
+  kubectl -n "$flow_ns" get daemonset/shoal-agent-chart-check serviceaccount/shoal-agent-chart-check \
+  configmap/shoal-agent-chart-check-ca
 wait_for "the ModelRollout has a plan in status" \
   bash -c "[[ -n \$(kubectl -n $flow_ns get modelrollout classifier -o jsonpath='{.status.canaryVersion}') ]]"
 wait_for "the rollout's Event was recorded" \
@@ -190,7 +193,8 @@ PY
 kill "$operator_pid"; operator_pid=""
 
 step "helm upgrade and uninstall"
-helm upgrade shoal "$chart" -n "$release_ns" --set agentApi.tls.enabled=false --set maxConcurrentCompressions=2 --wait=false >/dev/null
+helm upgrade shoal "$chart" -n "$release_ns" --set agentApi.tls.enabled=false \
+  --set agentApi.tls.caKey=ca.crt --set maxConcurrentCompressions=2 --wait=false >/dev/null
 kubectl -n "$release_ns" get deployment -l app.kubernetes.io/instance=shoal -o jsonpath='{.items[0].spec.template.spec.containers[0].args}' \
   | grep -q -- "--max-concurrent-compressions=2\|--max-concurrent-compressions\",\"2" \
   || fail "helm upgrade did not change the Deployment"

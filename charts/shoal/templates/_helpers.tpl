@@ -88,6 +88,12 @@ in watchNamespace otherwise. Every verb here is one the operator's code calls.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get"]
+{{- if .Values.agentApi.tls.caKey }}
+# With agentApi.tls.caKey: one ConfigMap shoal-agent-<pool>-ca per EdgePool holds the agent API's CA for its agents (server-side applied).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "patch"]
+{{- end }}
 # One agent DaemonSet shoal-agent-<pool> per EdgePool: server-side applied (an apply that creates needs create too), watched for its ready counts.
 - apiGroups: ["apps"]
   resources: ["daemonsets"]
