@@ -246,6 +246,16 @@ impl Operator {
         Ok(operator)
     }
 
+    /// The operator's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (it did not exit by itself).
+    pub fn is_alive(&mut self) -> bool {
+        self.running && matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the operator process but keeps its directory (artifact store, log) and
     /// ports, so [`Operator::restart`] brings the same operator back.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
@@ -1014,4 +1024,113 @@ pub fn kubectl_shoal_binary() -> anyhow::Result<PathBuf> {
 /// for tests that run it in standalone mode (`--model NAME=PATH`).
 pub fn shoal_agent_binary() -> anyhow::Result<PathBuf> {
     agent_binary()
+}
+
+/// [`tiny_onnx_model_scaled`] with an unused float initializer `padding` of about
+/// `padding_bytes` bytes added to its graph: the same signature and outputs in a
+/// bigger artifact, for tests that need a download or a load to take a while.
+/// (Protobuf merges an embedded message field that appears twice, so the graph
+/// appended here adds its initializer to the model's graph.)
+pub fn tiny_onnx_model_padded(scale: f32, padding_bytes: usize) -> Vec<u8> {
+    const FLOAT: u64 = 1;
+    let floats = padding_bytes / 4;
+    let raw: Vec<u8> = (0..floats)
+        .flat_map(|i| ((i % 251) as f32).to_le_bytes())
+        .collect();
+    // TensorProto {dims: 1, data_type: 2, name: 8, raw_data: 9}.
+    let padding = message(&[
+        varint_field(1, floats as u64),
+        varint_field(2, FLOAT),
+        bytes_field(8, b"padding"),
+        bytes_field(9, &raw),
+    ]);
+    let mut model = tiny_onnx_model_scaled(scale);
+    // ModelProto.graph (7) → GraphProto.initializer (5).
+    model.extend(bytes_field(7, &message(&[bytes_field(5, &padding)])));
+    model
+}
+
+/// Stops one process of the local control plane (`etcd`, `kube-apiserver`, …) the way
+/// `tests/cluster/down.sh` does, by its PID file, and returns its command line so that
+/// [`start_control_plane_process`] can start it again exactly as `up.sh` did. etcd
+/// keeps its data directory: the cluster's objects survive.
+pub async fn stop_control_plane_process(name: &str) -> anyhow::Result<Vec<String>> {
+    let pid_file = workspace_dir()
+        .join("target/cluster/pids")
+        .join(format!("{name}.pid"));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("reading {}", pid_file.display()))?
+        .trim()
+        .parse()
+        .context("a PID")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("{name} (pid {pid}) is not running"))?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    let status = tokio::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "kill {pid} ({name}) failed");
+    // Like down.sh: 5 s to stop gracefully (the API server drains its watches for
+    // longer than that), then SIGKILL.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_runs(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if process_runs(pid) {
+        tokio::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_runs(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    anyhow::ensure!(!process_runs(pid), "{name} (pid {pid}) did not stop");
+    Ok(args)
+}
+
+/// Whether `pid` is a live process: a zombie (exited, not yet reaped by whoever
+/// inherited it) counts as stopped.
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Starts a control-plane process stopped by [`stop_control_plane_process`] with the
+/// same command line, its output appended to its log, and records its new PID so
+/// that `tests/cluster/down.sh` stops it.
+pub fn start_control_plane_process(name: &str, args: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let state = workspace_dir().join("target/cluster");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("logs").join(format!("{name}.log")))?;
+    let (program, rest) = args.split_first().context("an empty command line")?;
+    let child = std::process::Command::new(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group, like up.sh's setsid: not killed with the test.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {name} again"))?;
+    std::fs::write(
+        state.join("pids").join(format!("{name}.pid")),
+        format!("{}\n", child.id()),
+    )?;
+    Ok(())
 }

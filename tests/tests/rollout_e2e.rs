@@ -23,7 +23,7 @@ use shoal_api::{EdgePool, Model, ModelRollout, RolloutPhase};
 use shoal_tests::{
     Agent, KWOK_NODE_KEY, Operator, TestNamespace, client, create_kwok_node, delete_nodes,
     install_crds, kubeconfig_path, kubectl_shoal_binary, pod_token, shoal_agent_binary,
-    tiny_onnx_model_scaled, wait_for,
+    start_control_plane_process, stop_control_plane_process, tiny_onnx_model_scaled, wait_for,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(90);
+
+/// Tests share the control plane; the one that restarts the API server and etcd
+/// takes it alone (write), every other test of this file shares it (read).
+static CONTROL_PLANE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 /// Label every node of one test carries, with the namespace as value.
 const TEST_LABEL: &str = "shoal.dev/test-pool";
 /// Which pool a node belongs to, within the test.
@@ -208,6 +212,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// counts an error) for real tokens.
 #[tokio::test]
 async fn bad_model_loads_and_warms_up_but_fails_real_requests() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("bad.onnx");
     std::fs::write(&path, bad_onnx_model())?;
@@ -958,6 +963,7 @@ async fn wait_all_on(setup: &Setup, watch: &Watch, version: &str) -> anyhow::Res
 
 #[tokio::test]
 async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-canary").await?;
     let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
     let load = Load::start(&setup.targets());
@@ -1072,6 +1078,7 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-rollback").await?;
     let watch = Watch::start(&setup.targets(), &[V1, V3], setup.api());
     let load = Load::start(&setup.targets());
@@ -1172,6 +1179,7 @@ async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
     let mut setup = Setup::start("ro-restart").await?;
     let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
     let load = Load::start(&setup.targets());
@@ -1280,6 +1288,7 @@ async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> an
 
 #[tokio::test]
 async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-undo").await?;
     let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
     let load = Load::start(&setup.targets());
@@ -1329,6 +1338,7 @@ async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Re
 
 #[tokio::test]
 async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-conflict").await?;
     let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
     let load = Load::start(&setup.targets());
@@ -1396,6 +1406,76 @@ async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Res
     ensure!(
         server_errors == 0 && other == 0,
         "no request failed: {ok} ok, {server_errors} 5xx, {other} other"
+    );
+    watch.finish().await?;
+    setup.finish().await
+}
+
+/// The API server and etcd go down for a few seconds in the middle of a rollout and
+/// come back: the operator, never restarted, re-lists and finishes the rollout;
+/// the agents serve throughout without a failed request.
+#[tokio::test]
+async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> anyhow::Result<()> {
+    let _alone = CONTROL_PLANE.write().await;
+    let mut setup = Setup::start("ro-apiserver").await?;
+    let operator_pid = setup.operator.pid();
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let load = Load::start(&setup.targets());
+    setup
+        .patch_rollout(json!({
+            "version": V2,
+            "steps": [ { "setWeight": 40 }, { "pause": { "duration": "20s" } }, { "setWeight": 100 } ],
+        }))
+        .await?;
+    setup
+        .wait_rollout("Paused at step index 1 (20 s)", |s| {
+            s.phase == Some(RolloutPhase::Paused) && s.current_step == Some(1)
+        })
+        .await?;
+
+    let down = Instant::now();
+    let apiserver = stop_control_plane_process("kube-apiserver").await?;
+    let etcd = stop_control_plane_process("etcd").await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    start_control_plane_process("etcd", &etcd)?;
+    start_control_plane_process("kube-apiserver", &apiserver)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ready = tokio::time::timeout(Duration::from_secs(3), setup.client.list_api_groups())
+            .await
+            .is_ok_and(|answer| answer.is_ok());
+        if ready {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the API server did not come back within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "API server and etcd were down for {:.1}s",
+        down.elapsed().as_secs_f64()
+    );
+
+    setup
+        .wait_rollout("Succeeded at 2.0 after the restart", |s| {
+            s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
+        })
+        .await?;
+    setup.wait_all_serving(V2).await?;
+    ensure!(
+        setup.operator.is_alive() && setup.operator.pid() == operator_pid,
+        "the operator recovered without a restart of its own"
+    );
+    let (ok, server_errors, other) = load.finish().await;
+    ensure!(
+        server_errors == 0 && other == 0,
+        "no inference failed while the control plane was down: {ok} ok, {server_errors} 5xx, {other} other"
+    );
+    eprintln!(
+        "control plane restart: rollout Succeeded {:.1}s after the API server went down; {ok} requests, all 200",
+        down.elapsed().as_secs_f64()
     );
     watch.finish().await?;
     setup.finish().await
