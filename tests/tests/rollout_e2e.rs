@@ -1480,3 +1480,59 @@ async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> 
     watch.finish().await?;
     setup.finish().await
 }
+
+/// The operator is killed at several points of one rollout (during a setWeight, a
+/// timed pause and an analysis) and restarted each time: the rollout still ends
+/// Succeeded, and the watcher saw no agent serve a version outside {1.0, 2.0}.
+#[tokio::test]
+async fn operator_killed_repeatedly_mid_rollout_stays_within_the_plan() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
+    let mut setup = Setup::start("ro-kills").await?;
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let load = Load::start(&setup.targets());
+    setup
+        .patch_rollout(json!({
+            "version": V2,
+            "steps": [
+                { "setWeight": 20 }, { "pause": { "duration": "4s" } }, { "analysis": {} },
+                { "setWeight": 60 }, { "pause": { "duration": "4s" } },
+            ],
+            "analysis": analysis_spec(),
+        }))
+        .await?;
+    // Kill at pseudo-random moments (fixed seed: reproducible), restart after a
+    // short outage, five times.
+    let mut seed: u64 = 0x5EED;
+    let mut kills = Vec::new();
+    for _ in 0..5 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let after = Duration::from_millis(500 + (seed >> 33) % 3000);
+        tokio::time::sleep(after).await;
+        let phase = setup
+            .rollout()
+            .await?
+            .status
+            .map(|s| format!("{:?} step {:?}", s.phase, s.current_step))
+            .unwrap_or_default();
+        setup.operator.kill().await?;
+        tokio::time::sleep(Duration::from_millis(300 + (seed >> 40) % 1500)).await;
+        setup.operator.restart().await?;
+        kills.push(format!("{after:?} ({phase})"));
+    }
+    eprintln!("operator killed after: {}", kills.join(", "));
+    setup
+        .wait_rollout("Succeeded at 2.0 despite the kills", |s| {
+            s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
+        })
+        .await?;
+    setup.wait_all_serving(V2).await?;
+    let (ok, server_errors, other) = load.finish().await;
+    ensure!(
+        server_errors == 0 && other == 0,
+        "no request failed across the kills: {ok} ok, {server_errors} 5xx, {other} other"
+    );
+    watch.finish().await?;
+    setup.finish().await
+}
