@@ -95,6 +95,28 @@ struct Args {
     )]
     request_timeout_seconds: f64,
 
+    /// Seconds a client has to send an inference request's body once its
+    /// headers arrived; past that the agent answers 408. A trickling body
+    /// otherwise holds a queue slot until the request timeout. 20 s lets a
+    /// 16 MiB body through a link of 7 Mbit/s.
+    #[arg(
+        long,
+        env = "SHOAL_AGENT_BODY_READ_TIMEOUT_SECONDS",
+        default_value_t = 20.0
+    )]
+    body_read_timeout_seconds: f64,
+
+    /// Seconds a client has to send a request's headers (from connecting, or
+    /// from the end of its previous request on a kept-alive connection); past
+    /// that the agent closes the connection. Bounds what slowloris clients and
+    /// idle connections hold.
+    #[arg(
+        long,
+        env = "SHOAL_AGENT_HEADER_READ_TIMEOUT_SECONDS",
+        default_value_t = 10.0
+    )]
+    header_read_timeout_seconds: f64,
+
     /// Log format.
     #[arg(long, env = "SHOAL_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -157,11 +179,19 @@ async fn main() -> anyhow::Result<()> {
     if !(args.request_timeout_seconds.is_finite() && args.request_timeout_seconds > 0.0) {
         bail!("--request-timeout-seconds must be a positive number");
     }
+    if !(args.body_read_timeout_seconds.is_finite() && args.body_read_timeout_seconds > 0.0) {
+        bail!("--body-read-timeout-seconds must be a positive number");
+    }
+    if !(args.header_read_timeout_seconds.is_finite() && args.header_read_timeout_seconds > 0.0) {
+        bail!("--header-read-timeout-seconds must be a positive number");
+    }
     let limits = Limits {
         workers,
         queue: args.queue,
         max_body_bytes: args.max_body_bytes,
         request_timeout: Duration::from_secs_f64(args.request_timeout_seconds),
+        body_read_timeout: Duration::from_secs_f64(args.body_read_timeout_seconds),
+        header_read_timeout: Duration::from_secs_f64(args.header_read_timeout_seconds),
     };
 
     let metrics = Arc::new(Metrics::new());

@@ -13,6 +13,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -34,6 +37,14 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// From receiving a request to answering it, queueing included.
     pub request_timeout: Duration,
+    /// From a request's headers to the end of its body; a client slower than
+    /// that (a stalled or trickling body) gets 408 and frees its queue slot.
+    /// Only matters when shorter than `request_timeout`.
+    pub body_read_timeout: Duration,
+    /// From a connection's first byte (or the end of its previous request) to
+    /// the end of the request headers; past it the connection is closed. Without
+    /// it a slowloris client holds a connection and its task forever.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -91,6 +102,8 @@ pub enum ApiError {
     QueueFull,
     #[error("the request did not finish within {0:?}")]
     Timeout(Duration),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     #[error("the agent is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -113,6 +126,7 @@ impl ApiError {
             | ApiError::BadJson(_)
             | ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Inference(_) | ApiError::Worker(_) | ApiError::Encode(_) => {
@@ -178,15 +192,47 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` completes, then lets requests in flight finish.
+/// Serves HTTP/1.1 until `shutdown` completes, then lets requests in flight
+/// finish. Not `axum::serve`: it gives hyper no timer, so hyper's header read
+/// timeout never fires and a client trickling a header (slowloris) would keep
+/// its connection forever.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let header_read_timeout = state.limits.header_read_timeout;
+    let app = router(state);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn live() -> Json<serde_json::Value> {
@@ -369,8 +415,11 @@ async fn infer_on(
     }
     let slot = state.admission.try_admit().ok_or(ApiError::QueueFull)?;
     let timeout = state.limits.request_timeout;
+    let body_timeout = state.limits.body_read_timeout;
     let work = async {
-        let bytes = read_body(body, limit).await?;
+        let bytes = tokio::time::timeout(body_timeout, read_body(body, limit))
+            .await
+            .map_err(|_| ApiError::BodyTimeout(body_timeout))??;
         let running = state.admission.run(slot).await?;
         let model = model.clone();
         // Parsing a large body is CPU work too, so it runs on the worker with
@@ -488,6 +537,10 @@ mod tests {
         assert_eq!(
             ApiError::BodyTooLarge { limit: 1 }.status(),
             StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            ApiError::BodyTimeout(Duration::from_secs(1)).status(),
+            StatusCode::REQUEST_TIMEOUT
         );
     }
 }
