@@ -195,7 +195,11 @@ async fn reconcile_pool(pool: &EdgePool, ctx: &Context, fleet: &Fleet) -> Result
         agents.as_ref(),
         Time(now),
     );
-    write_status(pool, ctx, &status).await?;
+    // Reconciles come often at fleet scale (report summaries, DaemonSet and node
+    // changes); an unchanged status is not written again.
+    if pool.status.as_ref() != Some(&status) {
+        write_status(pool, ctx, &status).await?;
+    }
     Ok(Action::requeue(RESYNC))
 }
 
