@@ -87,6 +87,8 @@ export SHOAL_TEST_MAGIKA_ONNX := $(SHOAL_CACHE)/models/magika-1.0.3/model.onnx
 export SHOAL_TEST_PPOCR_CLS_ONNX := $(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx
 export SHOAL_OPERATOR_BIN := $(CURDIR)/target/debug/shoal-operator
 export SHOAL_AGENT_BIN := $(CURDIR)/target/debug/shoal-agent
+# The agents-keep-serving test holds the control plane down this long (DESIGN §9: 60 s).
+export SHOAL_E2E_OFFLINE_SECONDS ?= 60
 
 ## unit-test: everything that needs no cluster (unit tests, api/'s schema tests)
 unit-test: test-models python-env example-model
@@ -130,6 +132,15 @@ $(BENCH_PYTHON):
 	  kserve==$(KSERVE_VERSION) onnxruntime==$(ONNXRUNTIME_VERSION) numpy==$(NUMPY_VERSION)
 	rm -rf $(BENCH_PYTHON_ENV) && mv $(BENCH_PYTHON_ENV).tmp $(BENCH_PYTHON_ENV)
 
+## bench-fleet: 2,000 kwok nodes in 20 pools with simulated agents (and 3 real ones), a
+## 10 -> 50 -> 100% rollout; prints target/bench/fleet.md. FLEET_NODES, FLEET_POOLS,
+## FLEET_REAL_AGENTS override the size. Takes ~10 minutes; never fails on timing.
+.PHONY: bench-fleet
+bench-fleet: cluster-up
+	cargo build --release -p shoal-operator --bin shoal-operator
+	cargo build -p shoal-tests --bin shoal-fleet-bench -p shoal-agent --bin shoal-agent
+	SHOAL_OPERATOR_BIN=$(CURDIR)/target/release/shoal-operator target/debug/shoal-fleet-bench
+
 ## bench: shoal-agent vs in-process tract vs Python KServe/onnxruntime on magika; prints
 ## a table (also target/bench/agent.md). Reports numbers, never fails on timing.
 ## Then compression: fp32/fp16/int8 of three models (also target/bench/compression.md).
@@ -162,3 +173,27 @@ images:
 	    echo "No Docker engine found: $$why. The images are built with:" >&2; \
 	    printf '  DOCKER_BUILDKIT=1 %s\n' "$${builds[@]}" >&2; exit 1; fi; \
 	  for build in "$${builds[@]}"; do echo "DOCKER_BUILDKIT=1 $$build"; DOCKER_BUILDKIT=1 $$build; done
+
+# Fuzzing (fuzz/, see fuzz/README.md): cargo-fuzz with libFuzzer, on the nightly
+# toolchain (or stable with RUSTC_BOOTSTRAP=1 when there is none). cargo-fuzz is
+# installed from crates.io into the cache, by version, when missing.
+CARGO_FUZZ_VERSION := 0.13.1
+CARGO_FUZZ_ROOT := $(SHOAL_CACHE)/cargo-fuzz-$(CARGO_FUZZ_VERSION)
+CARGO_FUZZ := $(CARGO_FUZZ_ROOT)/bin/cargo-fuzz
+export CARGO_FUZZ
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 20
+
+.PHONY: fuzz fuzz-smoke cargo-fuzz
+cargo-fuzz: $(CARGO_FUZZ)
+$(CARGO_FUZZ):
+	@echo "Installing cargo-fuzz $(CARGO_FUZZ_VERSION) from crates.io into $(CARGO_FUZZ_ROOT)"
+	cargo install --quiet --locked --root $(CARGO_FUZZ_ROOT) cargo-fuzz --version $(CARGO_FUZZ_VERSION)
+
+## fuzz-smoke: every fuzz target for 20 s (CI); fails on a crash, hang or out-of-memory
+fuzz-smoke: $(CARGO_FUZZ)
+	fuzz/run.sh $(FUZZ_SMOKE_SECONDS)
+
+## fuzz: every fuzz target for 10 minutes (FUZZ_SECONDS); the corpus grows in fuzz/corpus/
+fuzz: $(CARGO_FUZZ)
+	fuzz/run.sh $(FUZZ_SECONDS)

@@ -112,6 +112,20 @@ pub fn validate_report(mut report: AgentReport, node: &str) -> Result<AgentRepor
     for model in &mut report.models {
         validate_model(model)?;
     }
+    // Counter deltas match a model version to its entry of the last report by name
+    // and version: a second entry for the same version would be compared with the
+    // first one and re-add its difference on every report (found by fuzz/).
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = report
+        .models
+        .iter()
+        .find(|model| !seen.insert((model.name.as_str(), model.version.as_str())))
+    {
+        return Err(format!(
+            "the report lists model {} version {} twice; an agent reports each model version once",
+            twice.name, twice.version
+        ));
+    }
     Ok(report)
 }
 
@@ -248,6 +262,26 @@ mod tests {
             let error = validate_report(bad, "n1").expect_err(what);
             assert!(error.contains(says), "{what}: {error}");
         }
+    }
+
+    /// Regression (fuzz/ agent_protocol): a report with one model version twice,
+    /// counters 1 then 5, re-added 4 requests to the fleet totals on every report.
+    #[test]
+    fn a_model_version_listed_twice_is_refused() {
+        let mut twice = report("n1");
+        twice.models.push(ModelReport {
+            requests: 50,
+            ..twice.models[0].clone()
+        });
+        let error = validate_report(twice, "n1").expect_err("refused");
+        assert!(error.contains("ranker version 2.0 twice"), "{error}");
+        // The same name at another version is a different entry.
+        let mut two_versions = report("n1");
+        two_versions.models.push(ModelReport {
+            version: "1.0".into(),
+            ..two_versions.models[0].clone()
+        });
+        assert!(validate_report(two_versions, "n1").is_ok());
     }
 
     #[test]
