@@ -423,7 +423,8 @@ fn built_binary(env_var: &str, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A TCP port on 127.0.0.1 that is free right now.
+pub fn free_port() -> anyhow::Result<u16> {
     // The port is free when we ask; the operator binds it a moment later. Nothing
     // else on a test machine races for ephemeral ports that fast.
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -691,17 +692,20 @@ pub fn tiny_onnx_model_scaled(scale: f32) -> Vec<u8> {
     ])
 }
 
-fn message(fields: &[Vec<u8>]) -> Vec<u8> {
+/// Protobuf encoding by hand, for test ONNX models: a message is its fields concatenated.
+pub fn message(fields: &[Vec<u8>]) -> Vec<u8> {
     fields.concat()
 }
 
-fn varint_field(number: u64, value: u64) -> Vec<u8> {
+/// A varint field (wire type 0).
+pub fn varint_field(number: u64, value: u64) -> Vec<u8> {
     let mut out = varint(number << 3);
     out.extend(varint(value));
     out
 }
 
-fn bytes_field(number: u64, value: &[u8]) -> Vec<u8> {
+/// A length-delimited field (wire type 2): bytes, strings, nested messages.
+pub fn bytes_field(number: u64, value: &[u8]) -> Vec<u8> {
     let mut out = varint((number << 3) | 2);
     out.extend(varint(value.len() as u64));
     out.extend_from_slice(value);

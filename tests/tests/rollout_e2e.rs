@@ -21,9 +21,10 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use shoal_api::{EdgePool, Model, ModelRollout, RolloutPhase};
 use shoal_tests::{
-    Agent, KWOK_NODE_KEY, Operator, TestNamespace, client, create_kwok_node, delete_nodes,
-    install_crds, kubeconfig_path, kubectl_shoal_binary, pod_token, shoal_agent_binary,
-    start_control_plane_process, stop_control_plane_process, tiny_onnx_model_scaled, wait_for,
+    Agent, KWOK_NODE_KEY, Operator, TestNamespace, bytes_field, client, create_kwok_node,
+    delete_nodes, free_port, install_crds, kubeconfig_path, kubectl_shoal_binary, message,
+    pod_token, shoal_agent_binary, start_control_plane_process, stop_control_plane_process,
+    tiny_onnx_model_scaled, varint_field, wait_for,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -161,33 +162,6 @@ fn bad_onnx_model() -> Vec<u8> {
     ])
 }
 
-fn message(fields: &[Vec<u8>]) -> Vec<u8> {
-    fields.concat()
-}
-
-fn varint_field(number: u64, value: u64) -> Vec<u8> {
-    let mut out = varint(number << 3);
-    out.extend(varint(value));
-    out
-}
-
-fn bytes_field(number: u64, value: &[u8]) -> Vec<u8> {
-    let mut out = varint((number << 3) | 2);
-    out.extend(varint(value.len() as u64));
-    out.extend_from_slice(value);
-    out
-}
-
-fn varint(mut value: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    while value >= 0x80 {
-        out.push((value as u8 & 0x7f) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-    out
-}
-
 fn infer_body(tokens: [i32; 4]) -> Value {
     json!({ "inputs": [{ "name": "tokens", "datatype": "INT32", "shape": [1, 4], "data": tokens }] })
 }
@@ -200,11 +174,6 @@ async fn infer_status(http: &reqwest::Client, url: &str, tokens: [i32; 4]) -> an
         .send()
         .await?;
     Ok(response.status().as_u16())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// The premise of `bad_canary_is_rolled_back_automatically`, checked on a
