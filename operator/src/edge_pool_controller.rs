@@ -1,6 +1,13 @@
 //! The EdgePool controller: server-side applies one agent DaemonSet per pool and
 //! reports how many nodes the pool selects, how many agents are ready or stale, and
 //! which model versions they serve (from the agents' reports).
+//!
+//! At fleet scale a pool reconciles every few seconds (report summaries, DaemonSet
+//! status, node labels), so a reconcile costs no API call unless something changed:
+//! the agent objects are applied again only when they differ from the last apply
+//! (or once per [`RESYNC`], which also repairs hand edits), node counts come from
+//! the fleet's in-memory view, DaemonSet status from a watch, and a status whose
+//! only change is in its counts is written at most once per [`COUNTS_WRITE_INTERVAL`].
 
 use crate::agent_api::fleet::Fleet;
 use crate::agent_api::pool_agents::PoolAgents;
@@ -13,13 +20,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use shoal_api::condition::{ConditionStatus, new_condition, set_condition};
 use shoal_api::{EdgePool, EdgePoolStatus};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const CONTROLLER: &str = "edgepool";
@@ -28,12 +37,93 @@ const RESYNC: Duration = Duration::from_secs(60);
 /// Pools whose agent summary changed, waiting for a reconcile; when full, the
 /// fleet pass tries again on its next tick.
 const SUMMARY_TRIGGERS: usize = 1024;
+/// A status that differs from the written one only in its counts (nodes, agents
+/// ready or stale, versions served) waits this long after the previous write.
+/// Conditions and observedGeneration are written at once.
+pub const COUNTS_WRITE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// What the EdgePool reconciler works with: the shared context, and the fleet's
 /// reports for the agent counts in status.
 pub struct PoolContext {
     pub ctx: Arc<Context>,
     pub fleet: Arc<Fleet>,
+    /// The agent DaemonSets, from the watch that also triggers reconciles.
+    pub daemon_sets: Store<DaemonSet>,
+    pub applied: WriteMemo,
+    pub status_written: WriteMemo,
+}
+
+/// When something was last written for each pool, and what (a digest). Entries
+/// of pools not written for [`FORGET_AFTER`] are dropped, so deleted pools do not
+/// accumulate.
+#[derive(Default)]
+pub struct WriteMemo {
+    last: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+impl WriteMemo {
+    /// The digest and time of the last write for `pool`.
+    pub fn last(&self, pool: &str) -> Option<(String, Instant)> {
+        self.lock().get(pool).cloned()
+    }
+
+    pub fn record(&self, pool: &str, digest: String, now: Instant) {
+        let mut last = self.lock();
+        last.retain(|_, (_, at)| now.saturating_duration_since(*at) < FORGET_AFTER);
+        last.insert(pool.to_string(), (digest, now));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Whether the agent objects with `digest` must be applied: they differ from the
+/// last apply, or that apply is [`RESYNC`] old (a hand edit gets repaired).
+pub fn needs_apply(last: Option<&(String, Instant)>, digest: &str, now: Instant) -> bool {
+    match last {
+        Some((applied, at)) => applied != digest || now.saturating_duration_since(*at) >= RESYNC,
+        None => true,
+    }
+}
+
+/// When to write `new` over `old`: None when nothing changed, `Some(ZERO)` for now,
+/// else how long to wait. Counts alone wait [`COUNTS_WRITE_INTERVAL`] after the
+/// last write; the Ready condition's status or reason, observedGeneration and the
+/// DaemonSet name go out at once.
+pub fn status_write_delay(
+    old: Option<&EdgePoolStatus>,
+    new: &EdgePoolStatus,
+    last_write: Option<Instant>,
+    now: Instant,
+) -> Option<Duration> {
+    let Some(old) = old else {
+        return Some(Duration::ZERO);
+    };
+    if old == new {
+        return None;
+    }
+    let ready = |status: &EdgePoolStatus| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let significant = ready(old) != ready(new)
+        || old.observed_generation != new.observed_generation
+        || old.daemon_set != new.daemon_set;
+    let since = last_write.map(|at| now.saturating_duration_since(at));
+    match since {
+        Some(since) if !significant && since < COUNTS_WRITE_INTERVAL => {
+            Some(COUNTS_WRITE_INTERVAL - since)
+        }
+        _ => Some(Duration::ZERO),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,13 +179,22 @@ pub async fn run(
         "edge pool",
         synced,
     ));
-    controller
-        .owns(
+    // The agent DaemonSets: a reconcile reads their status here instead of asking
+    // the API server, and any change of one reconciles its pool.
+    let (daemon_set_store, daemon_set_writer) = reflector::store();
+    let daemon_set_changes = reflector::reflector(
+        daemon_set_writer,
+        watcher(
             daemon_sets,
             watcher::Config::default()
                 .labels("app.kubernetes.io/managed-by=shoal-operator")
                 .any_semantic(),
-        )
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    controller
+        .owns_stream(daemon_set_changes)
         .watches_stream(node_changes, move |_node| {
             pool_store
                 .state()
@@ -108,7 +207,13 @@ pub async fn run(
         .run(
             reconcile,
             error_policy,
-            Arc::new(PoolContext { ctx, fleet }),
+            Arc::new(PoolContext {
+                ctx,
+                fleet,
+                daemon_sets: daemon_set_store,
+                applied: WriteMemo::default(),
+                status_written: WriteMemo::default(),
+            }),
         )
         .for_each(|_| async {})
         .await;
@@ -125,7 +230,7 @@ fn object_key(pool: &EdgePool) -> String {
 async fn reconcile(pool: Arc<EdgePool>, pool_ctx: Arc<PoolContext>) -> Result<Action, Error> {
     let ctx = &pool_ctx.ctx;
     let started = Instant::now();
-    let result = reconcile_pool(&pool, ctx, &pool_ctx.fleet).await;
+    let result = reconcile_pool(&pool, &pool_ctx).await;
     ctx.metrics.reconciled(CONTROLLER, started.elapsed());
     if result.is_ok() {
         ctx.backoff.reset(&object_key(&pool));
@@ -142,65 +247,113 @@ fn error_policy(pool: Arc<EdgePool>, error: &Error, pool_ctx: Arc<PoolContext>) 
     Action::requeue(delay)
 }
 
-async fn reconcile_pool(pool: &EdgePool, ctx: &Context, fleet: &Fleet) -> Result<Action, Error> {
+async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Action, Error> {
+    let ctx = &pool_ctx.ctx;
+    let key = object_key(pool);
     let namespace = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
+    let now = Instant::now();
     let daemon_set = match edge_pool_daemonset::build_daemon_set(pool, &ctx.agent_defaults) {
         Ok(daemon_set) => daemon_set,
         Err(invalid) => {
             let status = invalid_status(pool, &invalid, Time(k8s_openapi::jiff::Timestamp::now()));
-            write_status(pool, ctx, &status).await?;
+            if pool.status.as_ref() != Some(&status) {
+                write_status(pool, ctx, &status).await?;
+            }
             return Ok(Action::await_change());
         }
     };
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
     let ds_name = edge_pool_daemonset::daemon_set_name(&name);
-    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
-    accounts
-        .patch(
-            &ds_name,
-            &apply,
-            &Patch::Apply(&edge_pool_daemonset::build_service_account(pool)),
-        )
-        .await?;
-    if let Some(ca) = &ctx.agent_defaults.control_plane_ca {
-        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
-        config_maps
-            .patch(
-                &edge_pool_daemonset::ca_config_map_name(&name),
-                &apply,
-                &Patch::Apply(&edge_pool_daemonset::build_ca_config_map(pool, ca)),
-            )
+    let account = edge_pool_daemonset::build_service_account(pool);
+    let ca_config_map = ctx
+        .agent_defaults
+        .control_plane_ca
+        .as_ref()
+        .map(|ca| edge_pool_daemonset::build_ca_config_map(pool, ca));
+    let digest = objects_digest(&account, ca_config_map.as_ref(), &daemon_set);
+    let watched = ObjectRef::<DaemonSet>::new(&ds_name).within(&namespace);
+    let watched = pool_ctx.daemon_sets.get(&watched);
+    let mut ds_status = watched.as_ref().and_then(|ds| ds.status.clone());
+    // A DaemonSet deleted by hand comes back at once, not at the next resync.
+    if watched.is_none() || needs_apply(pool_ctx.applied.last(&key).as_ref(), &digest, now) {
+        let apply = PatchParams::apply(FIELD_MANAGER).force();
+        let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
+        accounts
+            .patch(&ds_name, &apply, &Patch::Apply(&account))
             .await?;
+        if let Some(config_map) = &ca_config_map {
+            let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+            config_maps
+                .patch(
+                    &edge_pool_daemonset::ca_config_map_name(&name),
+                    &apply,
+                    &Patch::Apply(config_map),
+                )
+                .await?;
+        }
+        let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &namespace);
+        let applied = daemon_sets
+            .patch(&ds_name, &apply, &Patch::Apply(&daemon_set))
+            .await?;
+        pool_ctx.applied.record(&key, digest, now);
+        ds_status = applied.status;
     }
-    let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &namespace);
-    let applied = daemon_sets
-        .patch(&ds_name, &apply, &Patch::Apply(&daemon_set))
-        .await?;
 
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let query = edge_pool_daemonset::label_query(&pool.spec.node_selector);
-    let node_count = nodes
-        .list_metadata(&ListParams::default().labels(&query))
-        .await?
-        .items
-        .len();
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let agents = fleet.pool_summary(&namespace, &name, now);
+    let node_count = match pool_ctx
+        .fleet
+        .cluster
+        .count_selected_nodes(&pool.spec.node_selector)
+    {
+        Some(count) => count,
+        // The fleet's view of the nodes has not synced yet: ask the API server.
+        None => {
+            let nodes: Api<Node> = Api::all(ctx.client.clone());
+            let query = edge_pool_daemonset::label_query(&pool.spec.node_selector);
+            nodes
+                .list_metadata(&ListParams::default().labels(&query))
+                .await?
+                .items
+                .len()
+        }
+    };
+    let timestamp = k8s_openapi::jiff::Timestamp::now();
+    let agents = pool_ctx.fleet.pool_summary(&namespace, &name, timestamp);
     let status = pool_status(
         pool,
         &ds_name,
         node_count,
-        applied.status.as_ref(),
+        ds_status.as_ref(),
         agents.as_ref(),
-        Time(now),
+        Time(timestamp),
     );
-    // Reconciles come often at fleet scale (report summaries, DaemonSet and node
-    // changes); an unchanged status is not written again.
-    if pool.status.as_ref() != Some(&status) {
-        write_status(pool, ctx, &status).await?;
+    let last_write = pool_ctx.status_written.last(&key).map(|(_, at)| at);
+    match status_write_delay(pool.status.as_ref(), &status, last_write, now) {
+        Some(Duration::ZERO) => {
+            write_status(pool, ctx, &status).await?;
+            pool_ctx.status_written.record(&key, String::new(), now);
+        }
+        Some(wait) => return Ok(Action::requeue(wait)),
+        None => {}
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// A digest of the agent objects applied for a pool.
+fn objects_digest(
+    account: &ServiceAccount,
+    ca_config_map: Option<&ConfigMap>,
+    daemon_set: &DaemonSet,
+) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        serde_json::to_vec(account),
+        serde_json::to_vec(&ca_config_map),
+        serde_json::to_vec(daemon_set),
+    ] {
+        hasher.update(part.unwrap_or_default());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// The pool's status from what the cluster shows: selected nodes and the DaemonSet's
@@ -417,6 +570,99 @@ mod tests {
             status.conditions[0]
                 .message
                 .contains("label your edge nodes")
+        );
+    }
+
+    #[test]
+    fn agent_objects_are_applied_again_only_when_changed_or_a_resync_old() {
+        let now = Instant::now();
+        assert!(needs_apply(None, "a", now), "never applied");
+        let applied = ("a".to_string(), now);
+        assert!(!needs_apply(
+            Some(&applied),
+            "a",
+            now + Duration::from_secs(5)
+        ));
+        assert!(needs_apply(
+            Some(&applied),
+            "b",
+            now + Duration::from_secs(5)
+        ));
+        assert!(
+            needs_apply(Some(&applied), "a", now + RESYNC),
+            "resync repairs hand edits"
+        );
+    }
+
+    #[test]
+    fn write_memo_forgets_pools_not_written_for_a_long_time() {
+        let memo = WriteMemo::default();
+        let now = Instant::now();
+        memo.record("shop/gone", "a".into(), now);
+        memo.record(
+            "shop/stores",
+            "b".into(),
+            now + FORGET_AFTER - Duration::from_secs(1),
+        );
+        assert!(memo.last("shop/gone").is_some());
+        memo.record("shop/stores", "c".into(), now + FORGET_AFTER);
+        assert!(memo.last("shop/gone").is_none());
+        assert_eq!(
+            memo.last("shop/stores").map(|(d, _)| d).as_deref(),
+            Some("c")
+        );
+    }
+
+    #[test]
+    fn count_changes_are_coalesced_but_condition_changes_are_written_at_once() {
+        let at = Time(k8s_openapi::jiff::Timestamp::now());
+        let written = pool_status(&pool(), "ds", 3, Some(&ds(3, 3)), None, at.clone());
+        let now = Instant::now();
+        let just_now = Some(now - Duration::from_secs(2));
+        let long_ago = Some(now - COUNTS_WRITE_INTERVAL);
+
+        assert_eq!(
+            status_write_delay(None, &written, None, now),
+            Some(Duration::ZERO),
+            "a pool without status gets one at once"
+        );
+        assert_eq!(
+            status_write_delay(Some(&written), &written, just_now, now),
+            None
+        );
+
+        let mut counts = written.clone();
+        counts.agents_stale = 1;
+        counts.versions = vec![shoal_api::VersionCount {
+            model: "ranker".into(),
+            version: "2".into(),
+            agents: 3,
+        }];
+        assert_eq!(
+            status_write_delay(Some(&written), &counts, just_now, now),
+            Some(COUNTS_WRITE_INTERVAL - Duration::from_secs(2))
+        );
+        assert_eq!(
+            status_write_delay(Some(&written), &counts, long_ago, now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            status_write_delay(Some(&written), &counts, None, now),
+            Some(Duration::ZERO),
+            "after a restart nothing was written yet"
+        );
+
+        let not_ready = pool_status(&pool(), "ds", 3, Some(&ds(1, 3)), None, at.clone());
+        assert_eq!(
+            status_write_delay(Some(&written), &not_ready, just_now, now),
+            Some(Duration::ZERO)
+        );
+        let mut new_generation = pool();
+        new_generation.metadata.generation = Some(3);
+        let regenerated = pool_status(&new_generation, "ds", 3, Some(&ds(3, 3)), None, at);
+        assert_eq!(
+            status_write_delay(Some(&written), &regenerated, just_now, now),
+            Some(Duration::ZERO)
         );
     }
 }

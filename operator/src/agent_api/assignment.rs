@@ -2,7 +2,7 @@
 //! that names one answer. Pure: no I/O, no clock; the long-poll handler calls it.
 
 use crate::model_plan::digest_hex;
-use crate::rollout::cohort;
+use crate::rollout::cohort::CanaryOrder;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use shoal_api::agent_protocol::{AssignedModel, Assignment, artifact_path};
 use shoal_api::{EdgePool, Model, ModelRollout, ModelVersion};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// The models `node` must serve, from the `pools` its agent answers for.
 ///
@@ -22,8 +23,8 @@ use std::collections::{BTreeMap, BTreeSet};
 ///   canary version, every other node `status.stableVersion` — each only once Ready
 ///   in the Model's `status.versions`. So an agent is only ever assigned one of the
 ///   plan's two versions.
-/// - `pool_nodes` holds, by `namespace/pool`, the names of the nodes each pool
-///   selects (the canary ranking is over a pool's nodes).
+/// - `canary_orders` holds each rollout's canary ranking of each pool's nodes
+///   ([`canary_orders`] builds it).
 /// - When several rollouts assign the same model name to the node, the newest
 ///   rollout (creationTimestamp, then namespace/name) wins: an agent serves one
 ///   version per name under `/v2/models/{name}`.
@@ -33,7 +34,7 @@ pub fn assignment_for_node(
     pools: &[&EdgePool],
     rollouts: &[&ModelRollout],
     models: &[&Model],
-    pool_nodes: &BTreeMap<String, Vec<String>>,
+    canary_orders: &CanaryOrders,
 ) -> Assignment {
     let member_of: BTreeSet<(String, String)> = pools
         .iter()
@@ -63,7 +64,8 @@ pub fn assignment_for_node(
             .status
             .as_ref()
             .map_or(&[][..], |status| status.versions.as_slice());
-        let Some(version) = version_to_serve(rollout, ready, node, &node_pools, pool_nodes) else {
+        let Some(version) = version_to_serve(rollout, ready, node, &node_pools, canary_orders)
+        else {
             continue;
         };
         let Some(assigned) = assigned_model(&model.name_any(), version) else {
@@ -80,6 +82,42 @@ pub fn assignment_for_node(
         node: node.to_string(),
         models: chosen.into_values().map(|(_, model)| model).collect(),
     }
+}
+
+/// Canary orders by rollout and pool, under [`canary_order_key`].
+pub type CanaryOrders = BTreeMap<String, Arc<CanaryOrder>>;
+
+/// `namespace/rollout/pool`: the key of a rollout's canary order in one pool.
+pub fn canary_order_key(namespace: &str, rollout: &str, pool: &str) -> String {
+    format!("{namespace}/{rollout}/{pool}")
+}
+
+/// The canary orders of every rollout that has a canary, over the pools it rolls
+/// out to; `pool_nodes` holds the node names of each pool by `namespace/pool`.
+pub fn canary_orders(
+    rollouts: &[&ModelRollout],
+    pool_nodes: &BTreeMap<String, Vec<String>>,
+) -> CanaryOrders {
+    let mut orders = CanaryOrders::new();
+    for rollout in rollouts {
+        let has_canary = rollout
+            .status
+            .as_ref()
+            .is_some_and(|status| status.canary_version.is_some());
+        if !has_canary {
+            continue;
+        }
+        let namespace = rollout.namespace().unwrap_or_default();
+        let name = rollout.name_any();
+        for pool in &rollout.spec.pools {
+            let Some(members) = pool_nodes.get(&format!("{namespace}/{pool}")) else {
+                continue;
+            };
+            let order = CanaryOrder::new(&namespace, &name, members.iter().map(String::as_str));
+            orders.insert(canary_order_key(&namespace, &name, pool), Arc::new(order));
+        }
+    }
+    orders
 }
 
 /// Whether a pool's nodeSelector selects a node with these labels. A selector that
@@ -102,7 +140,7 @@ fn version_to_serve<'a>(
     ready: &'a [ModelVersion],
     node: &str,
     node_pools: &[&String],
-    pool_nodes: &BTreeMap<String, Vec<String>>,
+    canary_orders: &CanaryOrders,
 ) -> Option<&'a ModelVersion> {
     let status = rollout.status.as_ref()?;
     let find = |wanted: &str| ready.iter().find(|entry| entry.version == wanted);
@@ -118,16 +156,9 @@ fn version_to_serve<'a>(
             .iter()
             .find(|progress| &&progress.pool == pool)
             .map_or(0, |progress| progress.updated.max(0) as usize);
-        let members = pool_nodes
-            .get(&format!("{namespace}/{pool}"))
-            .map_or(&[][..], Vec::as_slice);
-        cohort::is_canary(
-            &namespace,
-            &name,
-            node,
-            members.iter().map(String::as_str),
-            updated,
-        )
+        canary_orders
+            .get(&canary_order_key(&namespace, &name, pool))
+            .is_some_and(|order| order.is_canary(node, updated))
     });
     if is_canary { Some(canary) } else { stable }
 }
@@ -297,7 +328,7 @@ mod tests {
             &pools,
             &rollouts,
             &models,
-            &pool_nodes,
+            &canary_orders(&rollouts, &pool_nodes),
         );
         assert_eq!(assignment.node, "n1");
         assignment
@@ -522,6 +553,7 @@ mod tests {
         });
         let names: Vec<String> = (0..10).map(|i| format!("store-{i}")).collect();
         let pool_nodes = BTreeMap::from([("shop/stores".to_string(), names.clone())]);
+        let orders = canary_orders(&[&plan], &pool_nodes);
         let mut canaries: Vec<&str> = names
             .iter()
             .filter(|node| {
@@ -531,7 +563,7 @@ mod tests {
                     &[&stores],
                     &[&plan],
                     &[&ranker],
-                    &pool_nodes,
+                    &orders,
                 );
                 let version = &assignment.models[0].version;
                 assert!(
@@ -543,9 +575,12 @@ mod tests {
             .map(String::as_str)
             .collect();
         canaries.sort();
-        let mut expected =
-            cohort::canary_order("shop", "ranker-rollout", names.iter().map(String::as_str))[..3]
-                .to_vec();
+        let mut expected = crate::rollout::cohort::canary_order(
+            "shop",
+            "ranker-rollout",
+            names.iter().map(String::as_str),
+        )[..3]
+            .to_vec();
         expected.sort();
         assert_eq!(canaries, expected);
     }

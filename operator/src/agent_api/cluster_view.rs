@@ -2,10 +2,13 @@
 //! ModelRollouts and the labels of Nodes, kept current by watches. Long-polls read
 //! it and wait on its change counter, so thousands of waiting agents cost no API call.
 
-use crate::agent_api::assignment::{assignment_for_node, node_selector};
+use crate::agent_api::assignment::{
+    CanaryOrders, assignment_for_node, canary_order_key, node_selector,
+};
+use crate::rollout::cohort::CanaryOrder;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::core::PartialObjectMeta;
 use kube::core::SelectorExt;
@@ -19,7 +22,7 @@ use shoal_api::{
 };
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::watch;
 
 /// What the view keeps of a Node: only what pool membership and staleness need.
@@ -33,6 +36,10 @@ pub struct ClusterView {
     state: RwLock<ViewState>,
     /// Counts changes that may alter an assignment; long-polls wait on it.
     changes: watch::Sender<u64>,
+    /// Canary orders by [`canary_order_key`], each with the membership version it
+    /// was computed at: after a rollout step every agent asks again, and the pool's
+    /// ranking is computed once, not once per agent.
+    canary_orders: Mutex<HashMap<String, (u64, Arc<CanaryOrder>)>>,
 }
 
 #[derive(Default)]
@@ -43,6 +50,8 @@ struct ViewState {
     nodes: Objects<NodeInfo>,
     /// The change counter when something that may concern every node last changed.
     all_changed_at: u64,
+    /// Counts changes of Nodes and EdgePools: which nodes a pool holds.
+    membership_version: u64,
     /// The change counter when each node's labels last changed. A new node or a
     /// relabelled one wakes the long-polls of every agent, but only its own
     /// agents compute their assignment again: fleets grow a node at a time.
@@ -76,6 +85,7 @@ impl ClusterView {
         Self {
             state: RwLock::new(ViewState::default()),
             changes: watch::Sender::new(0),
+            canary_orders: Mutex::new(HashMap::new()),
         }
     }
 
@@ -140,23 +150,21 @@ impl ClusterView {
             .get(node)
             .map_or(&no_labels, |info| &info.labels);
         // The canary ranking runs over the pool's nodes; only rollouts with a canary
-        // need them, and only this agent's pool matters.
-        let mut pool_nodes = BTreeMap::new();
-        if rollouts.iter().any(|r| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.canary_version.is_some())
-        }) && let Some(pool) = pools.first()
-            && let Some(selector) = node_selector(&pool.spec.node_selector)
-        {
-            let members = state
-                .nodes
-                .items
-                .iter()
-                .filter(|(_, info)| selector.matches(&info.labels))
-                .map(|(name, _)| name.clone())
-                .collect();
-            pool_nodes.insert(namespaced_key(namespace, &pool.name_any()), members);
+        // need it, and only this agent's pool matters.
+        let mut canary_orders = CanaryOrders::new();
+        if let Some(pool) = pools.first() {
+            let pool_name = pool.name_any();
+            for rollout in &rollouts {
+                let has_canary = rollout
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.canary_version.is_some());
+                if has_canary && rollout.spec.pools.contains(&pool_name) {
+                    let key = canary_order_key(namespace, &rollout.name_any(), &pool_name);
+                    let order = self.canary_order(&state, &key, pool, rollout);
+                    canary_orders.insert(key, order);
+                }
+            }
         }
         Some(assignment_for_node(
             node,
@@ -164,8 +172,46 @@ impl ClusterView {
             &pools,
             &rollouts,
             &models,
-            &pool_nodes,
+            &canary_orders,
         ))
+    }
+
+    /// The rollout's canary order of `pool`, from the cache while the pool's
+    /// membership is unchanged. Orders of another membership version are dropped.
+    fn canary_order(
+        &self,
+        state: &ViewState,
+        key: &str,
+        pool: &EdgePool,
+        rollout: &ModelRollout,
+    ) -> Arc<CanaryOrder> {
+        let mut cache = self
+            .canary_orders
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((version, order)) = cache.get(key)
+            && *version == state.membership_version
+        {
+            return order.clone();
+        }
+        let members: Vec<&str> = match node_selector(&pool.spec.node_selector) {
+            Some(selector) => state
+                .nodes
+                .items
+                .iter()
+                .filter(|(_, info)| selector.matches(&info.labels))
+                .map(|(name, _)| name.as_str())
+                .collect(),
+            None => Vec::new(),
+        };
+        let order = Arc::new(CanaryOrder::new(
+            &rollout.namespace().unwrap_or_default(),
+            &rollout.name_any(),
+            members,
+        ));
+        cache.retain(|_, (version, _)| *version == state.membership_version);
+        cache.insert(key.to_string(), (state.membership_version, order.clone()));
+        order
     }
 
     pub fn has_pool(&self, namespace: &str, pool: &str) -> bool {
@@ -227,6 +273,26 @@ impl ClusterView {
         )
     }
 
+    /// How many nodes `selector` selects; None until the view has synced. An
+    /// unsupported selector selects none (the EdgePool says why).
+    pub fn count_selected_nodes(&self, selector: &LabelSelector) -> Option<usize> {
+        let state = self.read();
+        if !state.nodes.synced {
+            return None;
+        }
+        let Some(selector) = node_selector(selector) else {
+            return Some(0);
+        };
+        Some(
+            state
+                .nodes
+                .items
+                .values()
+                .filter(|info| selector.matches(&info.labels))
+                .count(),
+        )
+    }
+
     /// Follows the cluster until the process ends. `namespace` limits Models,
     /// EdgePools and ModelRollouts to one namespace; Nodes are cluster-wide.
     pub async fn run(&self, client: Client, namespace: Option<String>) {
@@ -275,6 +341,9 @@ impl ClusterView {
     /// that a reader who saw counter `n` finds every change after `n` recorded.
     fn record(&self, state: &mut ViewState, kind: &'static str, change: Change) {
         let generation = *self.changes.borrow() + 1;
+        if change != Change::None && (kind == "Node" || kind == "EdgePool") {
+            state.membership_version += 1;
+        }
         match change {
             Change::None => return,
             Change::One(node) if kind == "Node" => {
@@ -578,6 +647,19 @@ mod tests {
             view.changed_for("n2", later),
             "a rollout change concerns every node"
         );
+    }
+
+    #[test]
+    fn only_node_and_pool_changes_invalidate_canary_orders() {
+        let view = ClusterView::new();
+        let mut state = ViewState::default();
+        view.record(&mut state, "ModelRollout", Change::One("ns/r".into()));
+        view.record(&mut state, "Model", Change::Many);
+        view.record(&mut state, "Node", Change::None);
+        assert_eq!(state.membership_version, 0);
+        view.record(&mut state, "Node", Change::One("n1".into()));
+        view.record(&mut state, "EdgePool", Change::Many);
+        assert_eq!(state.membership_version, 2);
     }
 
     #[test]

@@ -16,24 +16,46 @@ pub fn rank_key(namespace: &str, rollout: &str, node: &str) -> u64 {
     u64::from_be_bytes(first)
 }
 
-/// Whether `node` is among the `count` lowest-ranked of `pool_nodes` (which includes
-/// it). Ties, vanishingly rare, go by node name.
-pub fn is_canary<'a>(
-    namespace: &str,
-    rollout: &str,
-    node: &str,
-    pool_nodes: impl IntoIterator<Item = &'a str>,
-    count: usize,
-) -> bool {
-    if count == 0 {
-        return false;
+/// A pool's nodes ranked for one rollout, computed once per change of the pool's
+/// membership: thousands of agents asking for their assignment after a step then
+/// cost a binary search each, not a pass over the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryOrder {
+    namespace: String,
+    rollout: String,
+    /// (rank key, node), ascending. Ties, vanishingly rare, go by node name.
+    ranked: Vec<(u64, String)>,
+}
+
+impl CanaryOrder {
+    pub fn new<'a>(
+        namespace: &str,
+        rollout: &str,
+        pool_nodes: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let mut ranked: Vec<(u64, String)> = pool_nodes
+            .into_iter()
+            .map(|node| (rank_key(namespace, rollout, node), node.to_string()))
+            .collect();
+        ranked.sort();
+        Self {
+            namespace: namespace.to_string(),
+            rollout: rollout.to_string(),
+            ranked,
+        }
     }
-    let own = (rank_key(namespace, rollout, node), node);
-    let below = pool_nodes
-        .into_iter()
-        .filter(|other| (rank_key(namespace, rollout, other), *other) < own)
-        .count();
-    below < count
+
+    /// Whether `node` (a member of the pool) is among the `count` lowest-ranked.
+    pub fn is_canary(&self, node: &str, count: usize) -> bool {
+        if count == 0 {
+            return false;
+        }
+        let own = rank_key(&self.namespace, &self.rollout, node);
+        let below = self
+            .ranked
+            .partition_point(|(key, name)| (*key, name.as_str()) < (own, node));
+        below < count
+    }
 }
 
 /// The pool's nodes in canary order (lowest rank key first).
@@ -90,10 +112,11 @@ mod tests {
     fn canaries_grow_as_a_prefix_and_are_stable() {
         let names = nodes(40);
         let pool: Vec<&str> = names.iter().map(String::as_str).collect();
+        let order = CanaryOrder::new("shop", "ranker", pool.iter().copied());
         let canaries = |count: usize| -> Vec<&str> {
             pool.iter()
                 .copied()
-                .filter(|node| is_canary("shop", "ranker", node, pool.iter().copied(), count))
+                .filter(|node| order.is_canary(node, count))
                 .collect()
         };
         let mut previous: Vec<&str> = Vec::new();
@@ -110,6 +133,26 @@ mod tests {
         let mut first_four = order[..4].to_vec();
         first_four.sort();
         assert_eq!(first_four, canaries(4));
+    }
+
+    #[test]
+    fn the_binary_search_agrees_with_counting_lower_ranks() {
+        let names = nodes(300);
+        let order = CanaryOrder::new("shop", "ranker", names.iter().map(String::as_str));
+        for count in [0, 1, 7, 30, 150, 299, 300, 301] {
+            for node in &names {
+                let own = (rank_key("shop", "ranker", node), node.as_str());
+                let below = names
+                    .iter()
+                    .filter(|other| (rank_key("shop", "ranker", other), other.as_str()) < own)
+                    .count();
+                assert_eq!(
+                    order.is_canary(node, count),
+                    below < count,
+                    "{node} at {count}"
+                );
+            }
+        }
     }
 
     #[test]

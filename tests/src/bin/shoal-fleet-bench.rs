@@ -27,7 +27,7 @@ use shoal_tests::{
     Agent, KWOK_NODE_KEY, Operator, TestNamespace, client, create_kwok_node, delete_nodes,
     install_crds, pod_token, tiny_onnx_model, tiny_onnx_model_scaled,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -320,7 +320,7 @@ async fn run(
     // Let one report cycle pass so that the stable cohort has figures.
     tokio::time::sleep(REPORT_EVERY).await;
 
-    let api_writes_before = api_writes(client).await.unwrap_or(0.0);
+    let api_writes_before = api_writes(client).await.unwrap_or_default();
     let reports_before = state.reports_sent.load(Ordering::Relaxed);
     let cpu_before = cpu_seconds(operator_pid).unwrap_or(0.0);
     let patched = Instant::now();
@@ -373,7 +373,26 @@ async fn run(
     };
     let window = patched.elapsed();
     let cpu = cpu_seconds(operator_pid).unwrap_or(0.0) - cpu_before;
-    let writes = api_writes(client).await.unwrap_or(0.0) - api_writes_before;
+    let writes_by_kind = writes_between(
+        &api_writes_before,
+        &api_writes(client).await.unwrap_or_default(),
+    );
+    let writes: f64 = writes_by_kind.values().sum();
+    let shoal_writes: f64 = writes_by_kind
+        .iter()
+        .filter(|(key, _)| {
+            ["models", "edgepools", "modelrollouts"]
+                .iter()
+                .any(|r| key.starts_with(r))
+        })
+        .map(|(_, n)| n)
+        .sum();
+    let per_minute = |n: f64| n / window.as_secs_f64() * 60.0;
+    let breakdown = writes_by_kind
+        .iter()
+        .map(|(key, n)| format!("{key} {:.1}", per_minute(*n)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let reports = state.reports_sent.load(Ordering::Relaxed) - reports_before;
     let after_gate = last_gate.map(|g| everyone.saturating_duration_since(g));
     let rss_now = rss_kib(operator_pid).unwrap_or(0);
@@ -390,7 +409,7 @@ async fn run(
          | operator RSS (peak during the rollout / after) | {:.1} MB / {:.1} MB | ≤ 150 MB |\n\
          | operator CPU during the rollout | {:.1} s of CPU in {:.1} s ({:.0}% of one core) | – |\n\
          | reports ingested | {:.1} /s ({} refused) | – |\n\
-         | API writes to shoal.dev objects | {:.1} /min | coalesced, not per report |\n\
+         | API writes by the operator (all / to shoal.dev objects) | {:.1} /min / {:.1} /min | coalesced, not per report |\n\
          | long-polls held (peak) | {:.0} | one per agent |\n",
         nodes_wanted - real_agents,
         REPORT_EVERY.as_secs(),
@@ -406,9 +425,11 @@ async fn run(
         cpu / window.as_secs_f64() * 100.0,
         reports as f64 / window.as_secs_f64(),
         state.reports_refused.load(Ordering::Relaxed),
-        writes / window.as_secs_f64() * 60.0,
+        per_minute(writes),
+        per_minute(shoal_writes),
         peak_polls,
     );
+    let table = format!("{table}\nAPI writes per minute by resource and verb: {breakdown}.\n");
     println!("{table}");
     let _ = std::fs::create_dir_all("target/bench");
     let _ = std::fs::write("target/bench/fleet.md", &table);
@@ -549,20 +570,65 @@ where
     }
 }
 
-/// Sum of the API server's write requests (POST, PUT, PATCH, DELETE) to shoal.dev objects.
-async fn api_writes(client: &Client) -> anyhow::Result<f64> {
+/// The API server's write requests (POST, PUT, PATCH, APPLY, DELETE) to what the
+/// operator writes, by "resource[/subresource] VERB": shoal.dev objects, the agents'
+/// DaemonSets, ServiceAccounts and CA ConfigMaps (not their status: the
+/// controller-manager writes that), and Events. The operator is the only writer of
+/// these in the benchmark.
+async fn api_writes(client: &Client) -> anyhow::Result<BTreeMap<String, f64>> {
     let request = http::Request::get("/metrics").body(Vec::new())?;
     let text = client.request_text(request).await?;
-    Ok(text
+    let mut writes = BTreeMap::new();
+    for line in text
         .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{") && l.contains("group=\"shoal.dev\""))
-        .filter(|l| {
-            ["POST", "PUT", "PATCH", "DELETE", "APPLY"]
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let label = |name: &str| {
+            // `,resource="` must not match `subresource="`.
+            let start = [format!("{{{name}=\""), format!(",{name}=\"")]
                 .iter()
-                .any(|verb| l.contains(&format!("verb=\"{verb}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+                .find_map(|pattern| Some(line.find(pattern.as_str())? + pattern.len()))?;
+            let end = start + line[start..].find('"')?;
+            Some(&line[start..end])
+        };
+        let (Some(group), Some(resource), Some(verb)) =
+            (label("group"), label("resource"), label("verb"))
+        else {
+            continue;
+        };
+        let subresource = label("subresource").unwrap_or("");
+        let operators = group == "shoal.dev"
+            || (group == "apps" && resource == "daemonsets" && subresource.is_empty())
+            || (group.is_empty()
+                && ["serviceaccounts", "configmaps"].contains(&resource)
+                && subresource.is_empty())
+            || (group == "events.k8s.io" && resource == "events");
+        if !operators || !["POST", "PUT", "PATCH", "APPLY", "DELETE"].contains(&verb) {
+            continue;
+        }
+        let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        let key = if subresource.is_empty() {
+            format!("{resource} {verb}")
+        } else {
+            format!("{resource}/{subresource} {verb}")
+        };
+        *writes.entry(key).or_insert(0.0) += count;
+    }
+    Ok(writes)
+}
+
+/// Per key, `after - before`, keeping the keys that grew.
+fn writes_between(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(key, n)| (key.clone(), n - before.get(key).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect()
 }
 
 fn metric(text: &str, name: &str) -> f64 {
