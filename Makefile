@@ -7,6 +7,10 @@ SHOAL_CACHE ?= $(HOME)/.cache/shoal
 export SHOAL_CACHE
 KUBE_BIN := $(SHOAL_CACHE)/bin/current
 export KUBECONFIG := $(CURDIR)/target/cluster/kubeconfig
+# Cargo's build directory: target/ unless set. .ci/run points it outside the clone,
+# keyed by toolchain and Cargo.lock, so CI on a fresh clone reuses compiled crates.
+CARGO_TARGET_DIR ?= $(CURDIR)/target
+export CARGO_TARGET_DIR
 export PATH := $(KUBE_BIN):$(PATH)
 
 .PHONY: all deps python-env build test demo demo-down lint fmt crds crds-check cluster-build cluster-up cluster-down \
@@ -85,8 +89,8 @@ example-model: python-env
 # Real third-party models the tests load, fetched from PyPI wheels by test-models.
 export SHOAL_TEST_MAGIKA_ONNX := $(SHOAL_CACHE)/models/magika-1.0.3/model.onnx
 export SHOAL_TEST_PPOCR_CLS_ONNX := $(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx
-export SHOAL_OPERATOR_BIN := $(CURDIR)/target/debug/shoal-operator
-export SHOAL_AGENT_BIN := $(CURDIR)/target/debug/shoal-agent
+export SHOAL_OPERATOR_BIN := $(CARGO_TARGET_DIR)/debug/shoal-operator
+export SHOAL_AGENT_BIN := $(CARGO_TARGET_DIR)/debug/shoal-agent
 # The agents-keep-serving test holds the control plane down this long (DESIGN §9: 60 s).
 export SHOAL_E2E_OFFLINE_SECONDS ?= 60
 
@@ -103,7 +107,7 @@ chart-check: build cluster-up test-models
 	tests/chart/check.sh
 
 ## test: everything CI runs; starts the local control plane and stops it after
-test: deps lint crds-check unit-test
+test: deps lint crds-check unit-test fuzz-smoke
 	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test chart-check
 
 ## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
@@ -139,7 +143,7 @@ $(BENCH_PYTHON):
 bench-fleet: cluster-up
 	cargo build --release -p shoal-operator --bin shoal-operator
 	cargo build -p shoal-tests --bin shoal-fleet-bench -p shoal-agent --bin shoal-agent
-	SHOAL_OPERATOR_BIN=$(CURDIR)/target/release/shoal-operator target/debug/shoal-fleet-bench
+	SHOAL_OPERATOR_BIN=$(CARGO_TARGET_DIR)/release/shoal-operator $(CARGO_TARGET_DIR)/debug/shoal-fleet-bench
 
 ## bench: shoal-agent vs in-process tract vs Python KServe/onnxruntime on magika; prints
 ## a table (also target/bench/agent.md). Reports numbers, never fails on timing.
@@ -183,6 +187,11 @@ CARGO_FUZZ := $(CARGO_FUZZ_ROOT)/bin/cargo-fuzz
 export CARGO_FUZZ
 FUZZ_SECONDS ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
+# The fuzz build (nightly, sanitizer flags: nothing shared with CARGO_TARGET_DIR) lives
+# in the cache, keyed by toolchain and fuzz/Cargo.lock: ~20 minutes cold, ~1 warm.
+FUZZ_KEY := $(shell { rustc +nightly -V 2>/dev/null || rustc -V; cat fuzz/Cargo.lock; } | sha256sum | cut -c1-12)
+FUZZ_TARGET_DIR ?= $(SHOAL_CACHE)/fuzz-target/$(FUZZ_KEY)
+export FUZZ_TARGET_DIR
 
 .PHONY: fuzz fuzz-smoke cargo-fuzz
 cargo-fuzz: $(CARGO_FUZZ)

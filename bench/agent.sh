@@ -13,9 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${SHOAL_TEST_MAGIKA_ONNX:?set SHOAL_TEST_MAGIKA_ONNX (make test-models)}
-AGENT_BIN=${AGENT_BIN:-target/release/shoal-agent}
-LOADGEN_BIN=${LOADGEN_BIN:-target/release/examples/loadgen}
-SMALL_AGENT_BIN=${SMALL_AGENT_BIN:-target/release-small/shoal-agent}
+AGENT_BIN=${AGENT_BIN:-${CARGO_TARGET_DIR:-target}/release/shoal-agent}
+LOADGEN_BIN=${LOADGEN_BIN:-${CARGO_TARGET_DIR:-target}/release/examples/loadgen}
+SMALL_AGENT_BIN=${SMALL_AGENT_BIN:-${CARGO_TARGET_DIR:-target}/release-small/shoal-agent}
 CONCURRENCY=${BENCH_CONCURRENCY:-1 2 8}
 SECONDS_EACH=${BENCH_SECONDS:-10}
 WARMUP=${BENCH_WARMUP_SECONDS:-2}

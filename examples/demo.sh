@@ -15,8 +15,10 @@ export PATH="${SHOAL_CACHE:-$HOME/.cache/shoal}/bin/current:$PATH"
 demo="$repo/target/demo"
 recommender=${SHOAL_RECOMMENDER_DIR:?run the demo with make demo (it trains the example model)}
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-# `kubectl shoal` is target/debug/kubectl-shoal, found on PATH like any kubectl plugin.
-export PATH="$repo/target/debug:$PATH"
+# The workspace's binaries (CARGO_TARGET_DIR when set, as `make` passes it).
+bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
+# `kubectl shoal` is $bin/kubectl-shoal, found on PATH like any kubectl plugin.
+export PATH="$bin:$PATH"
 stores=(store-berlin store-lyon store-milan store-porto)
 
 step "1/10 Local control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok)"
@@ -52,7 +54,7 @@ for pid_file in "$demo"/agent-*.pid; do stop_pid "$pid_file"; done
 kubectl delete namespace shoal-demo --ignore-not-found --wait=true >/dev/null
 kubectl create namespace shoal-demo
 rm -rf "$demo/artifacts" "$demo/agents"
-setsid target/debug/shoal-operator run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
+setsid "$bin/shoal-operator" run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
   --metrics-addr 127.0.0.1:18080 --agent-api-addr 127.0.0.1:18443 --agent-api-url http://127.0.0.1:18443 \
   --agent-stale-after 30s >"$demo/operator.log" 2>&1 </dev/null &
 echo $! >"$demo/operator.pid"
@@ -102,7 +104,7 @@ for node in "${stores[@]}"; do
   mkdir -p "$demo/agents/$node"
   kubectl -n shoal-demo create token shoal-agent-stores --audience shoal --duration 1h \
     --bound-object-kind Pod --bound-object-name "$pod" >"$demo/agents/$node/token"
-  setsid target/debug/shoal-agent --control-plane http://127.0.0.1:18443 --node "$node" \
+  setsid "$bin/shoal-agent" --control-plane http://127.0.0.1:18443 --node "$node" \
     --cache-dir "$demo/agents/$node/cache" --token-file "$demo/agents/$node/token" \
     --listen "127.0.0.1:$port" --report-seconds 2 >"$demo/agent-$node.log" 2>&1 </dev/null &
   echo $! >"$demo/agent-$node.pid"
@@ -181,7 +183,7 @@ Summary
        alone again ${v3_seconds}s after the rollout of 3.0 began.
 
 Shoal is running (traffic stops by itself after 15 minutes). Poke at it:
-  export KUBECONFIG=$KUBECONFIG PATH=$repo/target/debug:$(dirname "$(command -v kubectl)"):\$PATH
+  export KUBECONFIG=$KUBECONFIG PATH=$bin:$(dirname "$(command -v kubectl)"):\$PATH
   kubectl -n shoal-demo get models,edgepools,modelrollouts
   kubectl shoal get rollouts -n shoal-demo
   kubectl shoal status product-recommender -n shoal-demo

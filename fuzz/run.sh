@@ -34,7 +34,8 @@ declare -A max_len=([inference_request]=8192 [agent_protocol]=8192 [onnx_compres
 # JSON keywords and field names; protobuf has none worth listing.
 declare -A dict=([inference_request]=dict/inference_request.dict [agent_protocol]=dict/agent_protocol.dict)
 
-mkdir -p logs
+mkdir -p logs "$target_dir"
+touch "$target_dir" # most recently used: .ci/run keeps the two newest build directories
 started=$SECONDS
 if ! "$cargo_fuzz" fuzz build --sanitizer "$sanitizer" --target-dir "$target_dir" >logs/build.log 2>&1; then
   tail -n 60 logs/build.log >&2

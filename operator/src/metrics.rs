@@ -133,6 +133,10 @@ pub struct Metrics {
     rollout_events: Family<RolloutEventLabels, Counter>,
     rollout_error_ratio: Family<CohortLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     rollout_p99: Family<CohortLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Every rollout and event label set written, so that a deleted rollout's
+    /// series can be dropped ([`Metrics::retain_rollouts`]).
+    rollout_series: Mutex<HashSet<RolloutLabels>>,
+    rollout_event_series: Mutex<HashSet<RolloutEventLabels>>,
 }
 
 /// Counts one long-poll in flight until dropped.
@@ -270,6 +274,8 @@ impl Metrics {
             fleet_requests,
             fleet_errors,
             fleet_series: Mutex::new(HashSet::new()),
+            rollout_series: Mutex::new(HashSet::new()),
+            rollout_event_series: Mutex::new(HashSet::new()),
             fleet_agents,
             agent_api_requests,
             long_polls,
@@ -292,6 +298,7 @@ impl Metrics {
 
     /// Sets the gauges of one rollout from its status.
     pub fn rollout_status(&self, rollout: &RolloutLabels, status: &shoal_api::ModelRolloutStatus) {
+        lock_set(&self.rollout_series).insert(rollout.clone());
         let current = status.phase.map(|phase| format!("{phase:?}"));
         for phase in ROLLOUT_PHASES {
             let labels = RolloutPhaseLabels {
@@ -330,14 +337,59 @@ impl Metrics {
     }
 
     pub fn rollout_event(&self, rollout: &RolloutLabels, reason: &'static str) {
-        self.rollout_events
-            .get_or_create(&RolloutEventLabels {
-                namespace: rollout.namespace.clone(),
-                rollout: rollout.rollout.clone(),
-                model: rollout.model.clone(),
-                reason,
-            })
-            .inc();
+        let labels = RolloutEventLabels {
+            namespace: rollout.namespace.clone(),
+            rollout: rollout.rollout.clone(),
+            model: rollout.model.clone(),
+            reason,
+        };
+        self.rollout_events.get_or_create(&labels).inc();
+        lock_set(&self.rollout_event_series).insert(labels);
+    }
+
+    /// Drops every series of the rollouts `keep` refuses: deleted rollouts, or a
+    /// rollout's old `model` label after its spec.model changed.
+    pub fn retain_rollouts(&self, keep: impl Fn(&RolloutLabels) -> bool) {
+        let gone: Vec<RolloutLabels> = {
+            let mut series = lock_set(&self.rollout_series);
+            let gone = series.iter().filter(|r| !keep(r)).cloned().collect();
+            series.retain(|r| keep(r));
+            gone
+        };
+        for rollout in &gone {
+            for phase in ROLLOUT_PHASES {
+                self.rollout_phase.remove(&RolloutPhaseLabels {
+                    namespace: rollout.namespace.clone(),
+                    rollout: rollout.rollout.clone(),
+                    model: rollout.model.clone(),
+                    phase,
+                });
+            }
+            self.rollout_weight.remove(rollout);
+            self.rollout_step_started.remove(rollout);
+            for cohort in ["canary", "stable"] {
+                let labels = CohortLabels {
+                    namespace: rollout.namespace.clone(),
+                    rollout: rollout.rollout.clone(),
+                    model: rollout.model.clone(),
+                    cohort,
+                };
+                self.rollout_error_ratio.remove(&labels);
+                self.rollout_p99.remove(&labels);
+            }
+        }
+        lock_set(&self.rollout_event_series).retain(|event| {
+            let rollout = RolloutLabels {
+                namespace: event.namespace.clone(),
+                rollout: event.rollout.clone(),
+                model: event.model.clone(),
+            };
+            let kept = keep(&rollout);
+            if !kept {
+                self.rollout_events.remove(event);
+            }
+            kept
+        });
     }
 
     pub fn reconciled(&self, controller: &'static str, took: Duration) {
@@ -476,6 +528,10 @@ impl Metrics {
     }
 }
 
+fn lock_set<T>(set: &Mutex<HashSet<T>>) -> std::sync::MutexGuard<'_, HashSet<T>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn agent_state_labels(namespace: &str, pool: &str, state: &'static str) -> AgentStateLabels {
     AgentStateLabels {
         namespace: namespace.to_string(),
@@ -508,6 +564,34 @@ mod tests {
             text.contains("shoal_operator_reconcile_duration_seconds_bucket"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_deleted_rollouts_series_are_dropped() {
+        let metrics = Metrics::new();
+        let rollout = |name: &str| RolloutLabels {
+            namespace: "shop".into(),
+            rollout: name.into(),
+            model: "ranker".into(),
+        };
+        let status: shoal_api::ModelRolloutStatus = serde_json::from_value(serde_json::json!({
+            "phase": "Progressing",
+            "weight": 20,
+            "lastAnalysis": {
+                "canary": { "requests": 10, "errors": 0, "errorRate": 0.0, "p99Ms": 4.0 },
+                "stable": { "requests": 10, "errors": 0, "errorRate": 0.0 },
+                "verdict": "Pass"
+            }
+        }))
+        .expect("status parses");
+        for name in ["kept", "deleted"] {
+            metrics.rollout_status(&rollout(name), &status);
+            metrics.rollout_event(&rollout(name), "RolloutStarted");
+        }
+        metrics.retain_rollouts(|r| r.rollout == "kept");
+        let text = metrics.render();
+        assert!(text.contains("rollout=\"kept\""), "{text}");
+        assert!(!text.contains("rollout=\"deleted\""), "{text}");
     }
 
     #[test]

@@ -407,11 +407,17 @@ fn operator_binary() -> anyhow::Result<PathBuf> {
     built_binary("SHOAL_OPERATOR_BIN", "shoal-operator")
 }
 
-/// A binary of the workspace: `$env_var` when set, else `target/debug/<name>`.
+/// A binary of the workspace: `$env_var` when set, else `<target>/debug/<name>`
+/// (`$CARGO_TARGET_DIR`, else the workspace's `target`).
 fn built_binary(env_var: &str, name: &str) -> anyhow::Result<PathBuf> {
     let path = match std::env::var_os(env_var) {
         Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => workspace_dir().join("target/debug").join(name),
+        _ => match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => workspace_dir().join("target"),
+        }
+        .join("debug")
+        .join(name),
     };
     if !path.is_file() {
         bail!(

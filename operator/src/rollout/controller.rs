@@ -14,6 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -100,11 +101,37 @@ pub async fn run(
         recorder,
         windows: Mutex::new(HashMap::new()),
     });
+    tokio::spawn(forget_deleted_rollouts(reader.clone(), context.clone()));
     Controller::for_stream(stream, reader)
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|_| async {})
         .await;
+}
+
+/// How often the analysis windows and gauges of deleted rollouts are dropped.
+const FORGET_EVERY: Duration = Duration::from_secs(30);
+
+/// Every [`FORGET_EVERY`], drops what the controller keeps in memory about rollouts
+/// that no longer exist (a deleted rollout is not reconciled again): its open
+/// analysis window and its metric series.
+async fn forget_deleted_rollouts(reader: Store<ModelRollout>, rctx: Arc<RolloutContext>) {
+    if reader.wait_until_ready().await.is_err() {
+        return;
+    }
+    let mut interval = tokio::time::interval(FORGET_EVERY);
+    loop {
+        interval.tick().await;
+        let present: HashMap<String, String> = reader
+            .state()
+            .iter()
+            .map(|rollout| (object_key(rollout), rollout.spec.model.clone()))
+            .collect();
+        lock(&rctx.windows).retain(|key, _| present.contains_key(key));
+        rctx.ctx.metrics.retain_rollouts(|labels| {
+            present.get(&format!("{}/{}", labels.namespace, labels.rollout)) == Some(&labels.model)
+        });
+    }
 }
 
 fn error_policy(rollout: Arc<ModelRollout>, error: &Error, rctx: Arc<RolloutContext>) -> Requeue {
