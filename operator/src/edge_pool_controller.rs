@@ -4,8 +4,9 @@
 //!
 //! At fleet scale a pool reconciles every few seconds (report summaries, DaemonSet
 //! status, node labels), so a reconcile costs no API call unless something changed:
-//! the agent objects are applied again only when they differ from the last apply
-//! (or once per [`RESYNC`], which also repairs hand edits), node counts come from
+//! the agent objects are applied again only when they differ from the last apply,
+//! when the DaemonSet's generation moved (someone edited its spec), or once per
+//! [`APPLY_RESYNC`] (which also repairs other hand edits); node counts come from
 //! the fleet's in-memory view, DaemonSet status from a watch, and a status whose
 //! only change is in its counts is written at most once per [`COUNTS_WRITE_INTERVAL`].
 
@@ -61,7 +62,9 @@ pub struct WriteMemo {
     last: Mutex<HashMap<String, (String, Instant)>>,
 }
 
-const FORGET_AFTER: Duration = Duration::from_secs(600);
+const FORGET_AFTER: Duration = Duration::from_secs(2 * 600);
+/// The agent objects are applied again at least this often, changed or not.
+pub const APPLY_RESYNC: Duration = Duration::from_secs(600);
 
 impl WriteMemo {
     /// The digest and time of the last write for `pool`.
@@ -83,10 +86,14 @@ impl WriteMemo {
 }
 
 /// Whether the agent objects with `digest` must be applied: they differ from the
-/// last apply, or that apply is [`RESYNC`] old (a hand edit gets repaired).
+/// last apply, or that apply is [`APPLY_RESYNC`] old (a hand edit gets repaired).
+/// `digest` covers the objects and the DaemonSet generation the watch shows, so an
+/// edit of the DaemonSet's spec by someone else is repaired at once.
 pub fn needs_apply(last: Option<&(String, Instant)>, digest: &str, now: Instant) -> bool {
     match last {
-        Some((applied, at)) => applied != digest || now.saturating_duration_since(*at) >= RESYNC,
+        Some((applied, at)) => {
+            applied != digest || now.saturating_duration_since(*at) >= APPLY_RESYNC
+        }
         None => true,
     }
 }
@@ -274,8 +281,10 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
     let watched = ObjectRef::<DaemonSet>::new(&ds_name).within(&namespace);
     let watched = pool_ctx.daemon_sets.get(&watched);
     let mut ds_status = watched.as_ref().and_then(|ds| ds.status.clone());
+    let generation = |ds: &DaemonSet| ds.metadata.generation.unwrap_or(0);
+    let seen = format!("{digest} {}", watched.as_deref().map_or(0, generation));
     // A DaemonSet deleted by hand comes back at once, not at the next resync.
-    if watched.is_none() || needs_apply(pool_ctx.applied.last(&key).as_ref(), &digest, now) {
+    if watched.is_none() || needs_apply(pool_ctx.applied.last(&key).as_ref(), &seen, now) {
         let apply = PatchParams::apply(FIELD_MANAGER).force();
         let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
         accounts
@@ -295,7 +304,9 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
         let applied = daemon_sets
             .patch(&ds_name, &apply, &Patch::Apply(&daemon_set))
             .await?;
-        pool_ctx.applied.record(&key, digest, now);
+        pool_ctx
+            .applied
+            .record(&key, format!("{digest} {}", generation(&applied)), now);
         ds_status = applied.status;
     }
 
@@ -589,7 +600,7 @@ mod tests {
             now + Duration::from_secs(5)
         ));
         assert!(
-            needs_apply(Some(&applied), "a", now + RESYNC),
+            needs_apply(Some(&applied), "a", now + APPLY_RESYNC),
             "resync repairs hand edits"
         );
     }
