@@ -8,7 +8,7 @@ use shoal_api::agent_protocol::{
     AgentReport, MAX_LATENCY_BUCKETS, MAX_REPORTED_MODELS, ModelReport,
 };
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Longest `error` text kept from a report; the rest is cut off.
 const MAX_ERROR_CHARS: usize = 1024;
@@ -30,7 +30,8 @@ pub struct LatestReport {
 
 pub struct ReportIndex {
     operator_started: Timestamp,
-    latest: Mutex<HashMap<Agent, LatestReport>>,
+    /// Shared, so that the controllers' passes over a pool copy no report.
+    latest: Mutex<HashMap<Agent, Arc<LatestReport>>>,
 }
 
 impl ReportIndex {
@@ -49,16 +50,16 @@ impl ReportIndex {
         let deltas = counter_deltas(previous, &report, self.operator_started);
         latest.insert(
             agent,
-            LatestReport {
+            Arc::new(LatestReport {
                 received: now,
                 report,
-            },
+            }),
         );
         deltas
     }
 
     /// The latest reports of one pool's agents, by node.
-    pub fn for_pool(&self, namespace: &str, pool: &str) -> HashMap<String, LatestReport> {
+    pub fn for_pool(&self, namespace: &str, pool: &str) -> HashMap<String, Arc<LatestReport>> {
         self.lock()
             .iter()
             .filter(|(key, _)| key.namespace == namespace && key.pool == pool)
@@ -79,7 +80,7 @@ impl ReportIndex {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Agent, LatestReport>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Agent, Arc<LatestReport>>> {
         // A panic while holding the lock cannot leave the map half-updated: every
         // change is one insert or retain. Keep serving.
         self.latest
