@@ -2,7 +2,12 @@
 //! (`make cluster-up`), the CRDs, one namespace and one operator process per test
 //! (killable and restartable), managed-mode `shoal-agent` processes for the end-to-end
 //! tests, and small helpers to wait on objects, serve a model file, make kwok nodes,
-//! and make the tokens and certificates the agent API tests need.
+//! and make the tokens and certificates the agent API tests need. The fleet of the
+//! agent, fault and rollout tests (a namespace, an operator, kwok nodes in EdgePools,
+//! a Model and a ModelRollout, and helpers for the agents on those nodes) is in
+//! [`fleet`].
+
+pub mod fleet;
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
@@ -34,6 +39,9 @@ pub const TEST_NODE_LABEL: &str = "shoal.dev/test-node";
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 const OPERATOR_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`Operator::wait_for_metric_line`] and
+/// [`Operator::wait_for_metric_starting_with`] poll `/metrics`.
+const METRIC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The kubeconfig the tests use: `$KUBECONFIG` (the Makefile points it at the local
 /// control plane), else the one `make cluster-up` writes. Never `~/.kube/config`:
@@ -339,6 +347,40 @@ impl Operator {
         Ok(response.error_for_status()?.text().await?)
     }
 
+    /// Polls the operator's `/metrics` (for up to 60 s) until one of its lines is
+    /// exactly `line`, such as `shoal_fleet_agents{…,state="connected"} 1`.
+    pub async fn wait_for_metric_line(&self, line: &str) -> anyhow::Result<()> {
+        self.wait_for_metric(&format!("the line {line}"), |l| l == line)
+            .await
+    }
+
+    /// Polls the operator's `/metrics` (for up to 60 s) until one of its lines starts
+    /// with `prefix`, such as `shoal_agent_api_requests_total{route="report",code="204"}`.
+    pub async fn wait_for_metric_starting_with(&self, prefix: &str) -> anyhow::Result<()> {
+        self.wait_for_metric(&format!("a line starting with {prefix}"), |l| {
+            l.starts_with(prefix)
+        })
+        .await
+    }
+
+    async fn wait_for_metric(
+        &self,
+        what: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + METRIC_TIMEOUT;
+        loop {
+            let text = self.metrics().await?;
+            if text.lines().any(&matches) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the operator's /metrics has no {what} after {METRIC_TIMEOUT:?}:\n{text}");
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// Everything the operator wrote to stdout and stderr so far.
     pub fn logs(&self) -> String {
         let path = self.dir.path().join("operator.log");
@@ -632,17 +674,7 @@ pub fn tiny_onnx_model() -> Vec<u8> {
 /// the same signature whose bytes and outputs differ. Row-major weight `[k][j]` is
 /// `scale * (3k + j) / 10`, so tokens `[1, 2, 3, 4]` score `scale * [6, 7, 8]`.
 pub fn tiny_onnx_model_scaled(scale: f32) -> Vec<u8> {
-    let dim_param = |name: &str| message(&[bytes_field(2, name.as_bytes())]);
-    let dim_value = |value: u64| message(&[varint_field(1, value)]);
-    let value_info = |name: &str, elem_type: u64, dims: &[Vec<u8>]| {
-        let shape: Vec<Vec<u8>> = dims.iter().map(|dim| bytes_field(1, dim)).collect();
-        let tensor_type = message(&[varint_field(1, elem_type), bytes_field(2, &message(&shape))]);
-        let type_proto = message(&[bytes_field(1, &tensor_type)]);
-        message(&[bytes_field(1, name.as_bytes()), bytes_field(2, &type_proto)])
-    };
     const FLOAT: u64 = 1;
-    const INT32: u64 = 6;
-
     // Cast(to = FLOAT): AttributeProto {name: 1, i: 3, type: 20 (INT = 2)}.
     let to_float = message(&[
         bytes_field(1, b"to"),
@@ -674,26 +706,41 @@ pub fn tiny_onnx_model_scaled(scale: f32) -> Vec<u8> {
         bytes_field(8, b"weight"),
         bytes_field(9, &weights),
     ]);
+    scorer_onnx_model("tiny-scorer", &[cast, matmul], &weight)
+}
+
+/// An ONNX model (IR version 8, opset 13) with the signature of the tests' scorers,
+/// input `tokens` int32 [batch, 4] and output `scores` float [batch, 3], whose graph
+/// `graph_name` is made of `nodes` (encoded NodeProtos, in order) and `initializer`
+/// (an encoded TensorProto).
+pub fn scorer_onnx_model(graph_name: &str, nodes: &[Vec<u8>], initializer: &[u8]) -> Vec<u8> {
+    const FLOAT: u64 = 1;
+    const INT32: u64 = 6;
+    let dim_param = |name: &str| message(&[bytes_field(2, name.as_bytes())]);
+    let dim_value = |value: u64| message(&[varint_field(1, value)]);
+    let value_info = |name: &str, elem_type: u64, dims: &[Vec<u8>]| {
+        let shape: Vec<Vec<u8>> = dims.iter().map(|dim| bytes_field(1, dim)).collect();
+        let tensor_type = message(&[varint_field(1, elem_type), bytes_field(2, &message(&shape))]);
+        let type_proto = message(&[bytes_field(1, &tensor_type)]);
+        message(&[bytes_field(1, name.as_bytes()), bytes_field(2, &type_proto)])
+    };
     // GraphProto {node: 1, name: 2, initializer: 5, input: 11, output: 12}.
-    let graph = message(&[
-        bytes_field(1, &cast),
-        bytes_field(1, &matmul),
-        bytes_field(2, b"tiny-scorer"),
-        bytes_field(5, &weight),
-        bytes_field(
-            11,
-            &value_info("tokens", INT32, &[dim_param("batch"), dim_value(4)]),
-        ),
-        bytes_field(
-            12,
-            &value_info("scores", FLOAT, &[dim_param("batch"), dim_value(3)]),
-        ),
-    ]);
+    let mut graph: Vec<Vec<u8>> = nodes.iter().map(|node| bytes_field(1, node)).collect();
+    graph.push(bytes_field(2, graph_name.as_bytes()));
+    graph.push(bytes_field(5, initializer));
+    graph.push(bytes_field(
+        11,
+        &value_info("tokens", INT32, &[dim_param("batch"), dim_value(4)]),
+    ));
+    graph.push(bytes_field(
+        12,
+        &value_info("scores", FLOAT, &[dim_param("batch"), dim_value(3)]),
+    ));
     // ModelProto {ir_version: 1, producer_name: 2, graph: 7, opset_import: 8 {version: 2}}.
     message(&[
         varint_field(1, 8),
         bytes_field(2, b"shoal-tests"),
-        bytes_field(7, &graph),
+        bytes_field(7, &message(&graph)),
         bytes_field(8, &message(&[varint_field(2, 13)])),
     ])
 }

@@ -6,30 +6,22 @@
 use anyhow::{Context as _, ensure};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::api::{Patch, PatchParams, PostParams};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::json;
+use shoal_api::EdgePool;
 use shoal_api::agent_protocol::{
     AgentReport, Assignment, ModelReport, ModelState, artifact_path, assignment_path, report_path,
 };
-use shoal_api::{EdgePool, Model, ModelRollout};
+use shoal_tests::fleet::{AUDIENCE, CONFIG_MAP, Fleet, FleetSpec, MODEL, agent_service_account};
 use shoal_tests::{
-    KWOK_NODE_KEY, Operator, TestNamespace, client, create_kwok_node, delete_nodes, install_crds,
-    pod_token, serving_certificate, sha256_hex, tiny_onnx_model, unbound_token, wait_for,
+    KWOK_NODE_KEY, pod_token, serving_certificate, sha256_hex, tiny_onnx_model, unbound_token,
+    wait_for,
 };
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(90);
-const POOL_LABEL: &str = "shoal.dev/test-pool";
 const POOL: &str = "stores";
-const AGENT_ACCOUNT: &str = "shoal-agent-stores";
-const MODEL: &str = "ranker";
-const ROLLOUT: &str = "ranker-rollout";
-const CONFIG_MAP: &str = "ranker-onnx";
-const AUDIENCE: &str = "shoal";
 
 /// The tiny test model with a different doc_string (ModelProto field 6): the same
 /// graph, other bytes, so a second version gets a digest of its own.
@@ -40,180 +32,62 @@ fn second_model_bytes() -> Vec<u8> {
 }
 
 /// One test's namespace, operator and fleet: two kwok nodes in pool `stores`, a
-/// Ready Model `ranker` at version 1.0 and a step-less rollout of it to the pool.
-struct Setup {
-    client: Client,
-    namespace: TestNamespace,
-    operator: Operator,
-    nodes: [String; 2],
-    http: reqwest::Client,
+/// Ready Model `ranker` at version 1.0 and a step-less rollout of it to the pool,
+/// whose plan (in its status) already says 1.0.
+async fn start_fleet(prefix: &str, operator_args: &[&str]) -> anyhow::Result<Fleet> {
+    let fleet = Fleet::start(FleetSpec {
+        prefix,
+        operator_args,
+        pools: &[(POOL, 2)],
+        model_files: vec![("v1", tiny_onnx_model())],
+        auto_rollback: true,
+        // Longer than the longest long-poll the operator grants (60 s).
+        http_timeout: Duration::from_secs(90),
+    })
+    .await?;
+    // Assignments follow the plan the rollout controller writes in status.
+    fleet
+        .wait_rollout("planned at 1.0", |s| {
+            s.canary_version.as_deref() == Some("1.0")
+        })
+        .await?;
+    Ok(fleet)
 }
 
-impl Setup {
-    async fn start(prefix: &str, operator_args: &[&str]) -> anyhow::Result<Setup> {
-        let client = client().await?;
-        install_crds(&client).await?;
-        let namespace = TestNamespace::create(&client, prefix).await?;
-        let ns = namespace.name().to_string();
-        let operator = Operator::start_with_args(&ns, operator_args).await?;
-        let nodes = [format!("{ns}-a"), format!("{ns}-b")];
-        for node in &nodes {
-            create_kwok_node(&client, node, &[(POOL_LABEL, ns.as_str())]).await?;
-        }
-        let setup = Setup {
-            client,
-            namespace,
-            operator,
-            nodes,
-            // Longer than the longest long-poll the operator grants (60 s).
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(90))
-                .build()?,
-        };
-        setup.create_fleet().await?;
-        Ok(setup)
-    }
+/// The agent API's URL of `path`.
+fn agent_api_url(fleet: &Fleet, path: &str) -> String {
+    format!("{}{path}", fleet.operator.agent_api_url())
+}
 
-    fn ns(&self) -> &str {
-        self.namespace.name()
+/// `GET path` on the agent API with `token` (if any) and `headers`.
+async fn get(
+    fleet: &Fleet,
+    path: &str,
+    token: Option<&str>,
+    headers: HeaderMap,
+) -> reqwest::Response {
+    let mut request = fleet.http.get(agent_api_url(fleet, path)).headers(headers);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
     }
+    request.send().await.expect("the agent API answers")
+}
 
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        Api::namespaced(self.client.clone(), self.ns())
+/// POSTs `report` as the report of `node` with `token` (if any).
+async fn post_report(
+    fleet: &Fleet,
+    node: &str,
+    token: Option<&str>,
+    report: &AgentReport,
+) -> reqwest::Response {
+    let mut request = fleet
+        .http
+        .post(agent_api_url(fleet, &report_path(node)))
+        .body(serde_json::to_vec(report).expect("a report serializes"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
     }
-
-    async fn create_fleet(&self) -> anyhow::Result<()> {
-        let config_map: ConfigMap = serde_json::from_value(json!({
-            "metadata": { "name": CONFIG_MAP },
-        }))?;
-        let config_map = ConfigMap {
-            binary_data: Some(BTreeMap::from([(
-                "v1".to_string(),
-                ByteString(tiny_onnx_model()),
-            )])),
-            ..config_map
-        };
-        self.api::<ConfigMap>()
-            .create(&PostParams::default(), &config_map)
-            .await?;
-        let model: Model = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "Model",
-            "metadata": { "name": MODEL },
-            "spec": { "version": "1.0", "source": { "configMap": { "name": CONFIG_MAP, "key": "v1" } } },
-        }))?;
-        self.api::<Model>()
-            .create(&PostParams::default(), &model)
-            .await?;
-        let pool: EdgePool = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "EdgePool",
-            "metadata": { "name": POOL },
-            "spec": {
-                "nodeSelector": { "matchLabels": { POOL_LABEL: self.ns() } },
-                "tolerations": [{ "key": KWOK_NODE_KEY, "operator": "Exists", "effect": "NoSchedule" }],
-            },
-        }))?;
-        self.api::<EdgePool>()
-            .create(&PostParams::default(), &pool)
-            .await?;
-        let rollout: ModelRollout = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "ModelRollout",
-            "metadata": { "name": ROLLOUT },
-            "spec": { "model": MODEL, "version": "1.0", "pools": [POOL] },
-        }))?;
-        self.api::<ModelRollout>()
-            .create(&PostParams::default(), &rollout)
-            .await?;
-        self.wait_model_version("1.0").await?;
-        // Assignments follow the plan the rollout controller writes in status.
-        wait_for(&self.api::<ModelRollout>(), ROLLOUT, WAIT, |rollout| {
-            rollout
-                .status
-                .as_ref()
-                .is_some_and(|s| s.canary_version.as_deref() == Some("1.0"))
-        })
-        .await
-        .map(|_| ())
-    }
-
-    async fn wait_model_version(&self, version: &str) -> anyhow::Result<()> {
-        wait_for(&self.api::<Model>(), MODEL, WAIT, |model| {
-            model
-                .status
-                .as_ref()
-                .is_some_and(|s| s.versions.iter().any(|v| v.version == version))
-        })
-        .await
-        .with_context(|| format!("Model {MODEL} version {version} should become Ready"))?;
-        Ok(())
-    }
-
-    /// The agent pod the pool's DaemonSet runs on `node` (kwok fakes it Running).
-    async fn agent_pod(&self, node: &str) -> anyhow::Result<String> {
-        let pods = self.api::<Pod>();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let listed = pods
-                .list(&ListParams::default().labels(&format!("shoal.dev/pool={POOL}")))
-                .await?;
-            let on_node = listed
-                .items
-                .into_iter()
-                .find(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node));
-            if let Some(name) = on_node.and_then(|pod| pod.metadata.name) {
-                return Ok(name);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the DaemonSet {AGENT_ACCOUNT} put no agent pod on node {node} within {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// The token the kubelet would project into the agent pod on `node`.
-    async fn agent_token(&self, node: &str) -> anyhow::Result<String> {
-        let pod = self.agent_pod(node).await?;
-        pod_token(&self.client, self.ns(), AGENT_ACCOUNT, &pod, AUDIENCE).await
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.operator.agent_api_url())
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>, headers: HeaderMap) -> reqwest::Response {
-        let mut request = self.http.get(self.url(path)).headers(headers);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        request.send().await.expect("the agent API answers")
-    }
-
-    async fn post_report(
-        &self,
-        node: &str,
-        token: Option<&str>,
-        report: &AgentReport,
-    ) -> reqwest::Response {
-        let mut request = self
-            .http
-            .post(self.url(&report_path(node)))
-            .body(serde_json::to_vec(report).expect("a report serializes"));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        request.send().await.expect("the agent API answers")
-    }
-
-    /// The test passed: remove the nodes, stop the operator, delete the namespace.
-    async fn finish(self) -> anyhow::Result<()> {
-        delete_nodes(&self.client, &self.nodes).await?;
-        self.operator.stop().await?;
-        self.namespace.delete().await
-    }
+    request.send().await.expect("the agent API answers")
 }
 
 fn if_none_match(etag: &str) -> HeaderMap {
@@ -267,33 +141,16 @@ fn report(node: &str, started: &str, version: &str, requests: u64, errors: u64) 
     }
 }
 
-/// Polls the operator's /metrics until it has a line starting with `prefix` and
-/// returns that line.
-async fn wait_for_metric(operator: &Operator, prefix: &str) -> anyhow::Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = operator.metrics().await?;
-        if let Some(line) = text.lines().find(|line| line.starts_with(prefix)) {
-            return Ok(line.to_string());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "/metrics has no line starting with {prefix} after 30s:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test]
 async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
-    let setup = Setup::start("agent-api-poll", &[]).await?;
-    let node = setup.nodes[0].clone();
-    let token = setup.agent_token(&node).await?;
+    let fleet = start_fleet("agent-api-poll", &[]).await?;
+    let node = fleet.nodes[0].name.clone();
+    let token = fleet.agent_token(&node).await?;
     let path = assignment_path(&node);
     let v1 = tiny_onnx_model();
 
     // Without If-None-Match the answer comes at once, with the Ready version's digest.
-    let response = setup.get(&path, Some(&token), HeaderMap::new()).await;
+    let response = get(&fleet, &path, Some(&token), HeaderMap::new()).await;
     ensure!(response.status() == StatusCode::OK, "{}", response.status());
     let etag = header(&response, "etag").to_string();
     ensure!(etag.starts_with('"'), "a strong, quoted ETag: {etag:?}");
@@ -313,9 +170,7 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
     // The current ETag: the operator waits the full waitSeconds, then says 304.
     let asked = Instant::now();
     let waited_path = format!("{path}?waitSeconds=2");
-    let response = setup
-        .get(&waited_path, Some(&token), if_none_match(&etag))
-        .await;
+    let response = get(&fleet, &waited_path, Some(&token), if_none_match(&etag)).await;
     let took = asked.elapsed();
     ensure!(
         response.status() == StatusCode::NOT_MODIFIED,
@@ -329,16 +184,14 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
     );
     // Another ETag: the answer comes at once.
     let asked = Instant::now();
-    let response = setup
-        .get(&waited_path, Some(&token), if_none_match("\"old\""))
-        .await;
+    let response = get(&fleet, &waited_path, Some(&token), if_none_match("\"old\"")).await;
     ensure!(response.status() == StatusCode::OK && asked.elapsed() < Duration::from_secs(1));
 
     // A waiting long-poll wakes as soon as the assignment changes.
     let poll = {
-        let request = setup
+        let request = fleet
             .http
-            .get(setup.url(&format!("{path}?waitSeconds=60")))
+            .get(agent_api_url(&fleet, &format!("{path}?waitSeconds=60")))
             .bearer_auth(&token)
             .headers(if_none_match(&etag));
         tokio::spawn(async move {
@@ -346,33 +199,24 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
             (Instant::now(), response)
         })
     };
-    wait_for_metric(&setup.operator, "shoal_agent_api_long_polls_in_flight 1").await?;
+    fleet
+        .operator
+        .wait_for_metric_starting_with("shoal_agent_api_long_polls_in_flight 1")
+        .await?;
     let v2 = second_model_bytes();
     let v2_hex = sha256_hex(&v2);
     let add_key = json!({ "binaryData": { "v2": ByteString(v2.clone()) } });
-    setup
+    fleet
         .api::<ConfigMap>()
         .patch(CONFIG_MAP, &PatchParams::default(), &Patch::Merge(&add_key))
         .await?;
-    let new_version = json!({ "spec": { "version": "2.0", "source": { "configMap": { "name": CONFIG_MAP, "key": "v2" } } } });
-    setup
-        .api::<Model>()
-        .patch(MODEL, &PatchParams::default(), &Patch::Merge(&new_version))
-        .await?;
-    setup.wait_model_version("2.0").await?;
+    fleet.make_version_ready("2.0", "v2").await?;
     ensure!(
         !poll.is_finished(),
         "a new Ready version alone changes no assignment: the rollout still says 1.0"
     );
     let bumped = Instant::now();
-    setup
-        .api::<ModelRollout>()
-        .patch(
-            ROLLOUT,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({ "spec": { "version": "2.0" } })),
-        )
-        .await?;
+    fleet.patch_rollout(json!({ "version": "2.0" })).await?;
     let (answered, response) = tokio::time::timeout(Duration::from_secs(30), poll)
         .await
         .context("the waiting long-poll should answer once the rollout changed")??;
@@ -392,7 +236,7 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
 
     // The artifact: whole, and in two ranges as a resumed download would fetch it.
     let download = assigned.download_path.clone();
-    let full = setup.get(&download, Some(&token), HeaderMap::new()).await;
+    let full = get(&fleet, &download, Some(&token), HeaderMap::new()).await;
     ensure!(full.status() == StatusCode::OK, "{}", full.status());
     ensure!(header(&full, "accept-ranges") == "bytes");
     ensure!(
@@ -406,9 +250,7 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
         "the full download"
     );
     let len = v2.len();
-    let first = setup
-        .get(&download, Some(&token), range("bytes=0-99"))
-        .await;
+    let first = get(&fleet, &download, Some(&token), range("bytes=0-99")).await;
     ensure!(
         first.status() == StatusCode::PARTIAL_CONTENT,
         "{}",
@@ -416,9 +258,7 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
     );
     ensure!(header(&first, "content-range") == format!("bytes 0-99/{len}"));
     let mut resumed = first.bytes().await?.to_vec();
-    let rest = setup
-        .get(&download, Some(&token), range("bytes=100-"))
-        .await;
+    let rest = get(&fleet, &download, Some(&token), range("bytes=100-")).await;
     ensure!(
         rest.status() == StatusCode::PARTIAL_CONTENT,
         "{}",
@@ -430,60 +270,68 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
         resumed == v2,
         "a download resumed with Range gives the same bytes"
     );
-    let past_end = setup
-        .get(&download, Some(&token), range(&format!("bytes={len}-")))
-        .await;
+    let past_end = get(
+        &fleet,
+        &download,
+        Some(&token),
+        range(&format!("bytes={len}-")),
+    )
+    .await;
     ensure!(past_end.status() == StatusCode::RANGE_NOT_SATISFIABLE);
     ensure!(header(&past_end, "content-range") == format!("bytes */{len}"));
     // The old version's artifact is still there for agents that lag behind.
-    let old = setup
-        .get(&artifact_path(&v1_hex), Some(&token), HeaderMap::new())
-        .await;
+    let old = get(
+        &fleet,
+        &artifact_path(&v1_hex),
+        Some(&token),
+        HeaderMap::new(),
+    )
+    .await;
     ensure!(old.bytes().await?.as_ref() == v1.as_slice());
-    let unknown = setup
-        .get(
-            &artifact_path(&"0".repeat(64)),
-            Some(&token),
-            HeaderMap::new(),
-        )
-        .await;
+    let unknown = get(
+        &fleet,
+        &artifact_path(&"0".repeat(64)),
+        Some(&token),
+        HeaderMap::new(),
+    )
+    .await;
     ensure!(
         unknown.status() == StatusCode::NOT_FOUND,
         "{}",
         unknown.status()
     );
-    let malformed = setup
-        .get(
-            &artifact_path("not-a-digest"),
-            Some(&token),
-            HeaderMap::new(),
-        )
-        .await;
+    let malformed = get(
+        &fleet,
+        &artifact_path("not-a-digest"),
+        Some(&token),
+        HeaderMap::new(),
+    )
+    .await;
     ensure!(
         malformed.status() == StatusCode::BAD_REQUEST,
         "{}",
         malformed.status()
     );
 
-    setup.finish().await
+    fleet.finish().await
 }
 
 #[tokio::test]
 async fn reports_reach_pool_status_and_metrics() -> anyhow::Result<()> {
-    let setup = Setup::start("agent-api-report", &["--agent-stale-after", "10s"]).await?;
-    let node = setup.nodes[0].clone();
-    let token = setup.agent_token(&node).await?;
-    let ns = setup.ns().to_string();
+    let fleet = start_fleet("agent-api-report", &["--agent-stale-after", "10s"]).await?;
+    let node = fleet.nodes[0].name.clone();
+    let token = fleet.agent_token(&node).await?;
+    let ns = fleet.ns().to_string();
     let started = k8s_openapi::jiff::Timestamp::now().to_string();
 
     for (requests, errors) in [(10, 1), (25, 2)] {
-        let response = setup
-            .post_report(
-                &node,
-                Some(&token),
-                &report(&node, &started, "1.0", requests, errors),
-            )
-            .await;
+        let response = post_report(
+            &fleet,
+            &node,
+            Some(&token),
+            &report(&node, &started, "1.0", requests, errors),
+        )
+        .await;
         ensure!(
             response.status() == StatusCode::NO_CONTENT,
             "{}",
@@ -492,45 +340,46 @@ async fn reports_reach_pool_status_and_metrics() -> anyhow::Result<()> {
     }
     let series =
         format!("{{namespace=\"{ns}\",model=\"{MODEL}\",version=\"1.0\",pool=\"{POOL}\"}}");
-    wait_for_metric(
-        &setup.operator,
-        &format!("shoal_fleet_requests_total{series} 25"),
-    )
-    .await?;
-    wait_for_metric(
-        &setup.operator,
-        &format!("shoal_fleet_errors_total{series} 2"),
-    )
-    .await?;
+    fleet
+        .operator
+        .wait_for_metric_starting_with(&format!("shoal_fleet_requests_total{series} 25"))
+        .await?;
+    fleet
+        .operator
+        .wait_for_metric_starting_with(&format!("shoal_fleet_errors_total{series} 2"))
+        .await?;
 
     // A restarted agent (new start time) counts from zero: 25 + 5.
     let restarted = k8s_openapi::jiff::Timestamp::now().to_string();
     ensure!(restarted != started);
-    let response = setup
-        .post_report(&node, Some(&token), &report(&node, &restarted, "1.0", 5, 0))
-        .await;
+    let response = post_report(
+        &fleet,
+        &node,
+        Some(&token),
+        &report(&node, &restarted, "1.0", 5, 0),
+    )
+    .await;
     ensure!(
         response.status() == StatusCode::NO_CONTENT,
         "{}",
         response.status()
     );
-    wait_for_metric(
-        &setup.operator,
-        &format!("shoal_fleet_requests_total{series} 30"),
-    )
-    .await?;
+    fleet
+        .operator
+        .wait_for_metric_starting_with(&format!("shoal_fleet_requests_total{series} 30"))
+        .await?;
 
     // Bad reports are refused with what to fix.
-    let other_node = report(&setup.nodes[1], &restarted, "1.0", 5, 0);
-    let response = setup.post_report(&node, Some(&token), &other_node).await;
+    let other_node = report(&fleet.nodes[1].name, &restarted, "1.0", 5, 0);
+    let response = post_report(&fleet, &node, Some(&token), &other_node).await;
     ensure!(
         response.status() == StatusCode::BAD_REQUEST,
         "{}",
         response.status()
     );
-    let garbage = setup
+    let garbage = fleet
         .http
-        .post(setup.url(&report_path(&node)))
+        .post(agent_api_url(&fleet, &report_path(&node)))
         .bearer_auth(&token)
         .body("{not json")
         .send()
@@ -543,9 +392,9 @@ async fn reports_reach_pool_status_and_metrics() -> anyhow::Result<()> {
 
     // Node a keeps reporting; node b's agent never does, so after 10 s it is stale.
     let reporter = {
-        let request = setup
+        let request = fleet
             .http
-            .post(setup.url(&report_path(&node)))
+            .post(agent_api_url(&fleet, &report_path(&node)))
             .bearer_auth(&token)
             .body(serde_json::to_vec(&report(&node, &restarted, "1.0", 5, 0))?);
         tokio::spawn(async move {
@@ -558,7 +407,7 @@ async fn reports_reach_pool_status_and_metrics() -> anyhow::Result<()> {
         })
     };
     let pool = wait_for(
-        &setup.api::<EdgePool>(),
+        &fleet.api::<EdgePool>(),
         POOL,
         Duration::from_secs(60),
         |pool| {
@@ -575,32 +424,40 @@ async fn reports_reach_pool_status_and_metrics() -> anyhow::Result<()> {
     .context("the pool's status should count one agent serving 1.0 and one stale agent")?;
     ensure!(pool.status.as_ref().is_some_and(|s| s.nodes == 2));
     let agents = format!("shoal_fleet_agents{{namespace=\"{ns}\",pool=\"{POOL}\",state=");
-    wait_for_metric(&setup.operator, &format!("{agents}\"connected\"}} 1")).await?;
-    wait_for_metric(&setup.operator, &format!("{agents}\"stale\"}} 1")).await?;
+    fleet
+        .operator
+        .wait_for_metric_starting_with(&format!("{agents}\"connected\"}} 1"))
+        .await?;
+    fleet
+        .operator
+        .wait_for_metric_starting_with(&format!("{agents}\"stale\"}} 1"))
+        .await?;
     reporter.abort();
-    wait_for_metric(
-        &setup.operator,
-        "shoal_agent_api_requests_total{route=\"report\",code=\"204\"}",
-    )
-    .await?;
+    fleet
+        .operator
+        .wait_for_metric_starting_with(
+            "shoal_agent_api_requests_total{route=\"report\",code=\"204\"}",
+        )
+        .await?;
 
-    setup.finish().await
+    fleet.finish().await
 }
 
 #[tokio::test]
 async fn only_a_nodes_own_agent_may_call() -> anyhow::Result<()> {
-    let setup = Setup::start("agent-api-auth", &[]).await?;
-    let ns = setup.ns().to_string();
-    let [node_a, node_b] = setup.nodes.clone();
-    let token_a = setup.agent_token(&node_a).await?;
-    let token_b = setup.agent_token(&node_b).await?;
-    let pod_a = setup.agent_pod(&node_a).await?;
-    let wrong_audience = pod_token(&setup.client, &ns, AGENT_ACCOUNT, &pod_a, "other").await?;
-    let unbound = unbound_token(&setup.client, &ns, AGENT_ACCOUNT, AUDIENCE).await?;
+    let fleet = start_fleet("agent-api-auth", &[]).await?;
+    let ns = fleet.ns().to_string();
+    let [node_a, node_b] = [fleet.nodes[0].name.clone(), fleet.nodes[1].name.clone()];
+    let token_a = fleet.agent_token(&node_a).await?;
+    let token_b = fleet.agent_token(&node_b).await?;
+    let pod_a = fleet.agent_pod(&node_a).await?;
+    let agent_account = agent_service_account(POOL);
+    let wrong_audience = pod_token(&fleet.client, &ns, &agent_account, &pod_a, "other").await?;
+    let unbound = unbound_token(&fleet.client, &ns, &agent_account, AUDIENCE).await?;
     // Another workload on node a, with a ServiceAccount of its own.
     let intruder_account: ServiceAccount =
         serde_json::from_value(json!({ "metadata": { "name": "not-an-agent" } }))?;
-    setup
+    fleet
         .api::<ServiceAccount>()
         .create(&PostParams::default(), &intruder_account)
         .await?;
@@ -614,11 +471,11 @@ async fn only_a_nodes_own_agent_may_call() -> anyhow::Result<()> {
             "containers": [{ "name": "c", "image": "registry.invalid/intruder" }],
         },
     }))?;
-    setup
+    fleet
         .api::<Pod>()
         .create(&PostParams::default(), &intruder)
         .await?;
-    let not_an_agent = pod_token(&setup.client, &ns, "not-an-agent", "intruder", AUDIENCE).await?;
+    let not_an_agent = pod_token(&fleet.client, &ns, "not-an-agent", "intruder", AUDIENCE).await?;
 
     let artifact = artifact_path(&sha256_hex(&tiny_onnx_model()));
     let report_a = report(&node_a, "2025-01-01T00:00:00Z", "1.0", 1, 0);
@@ -675,9 +532,7 @@ async fn only_a_nodes_own_agent_may_call() -> anyhow::Result<()> {
         ),
     ];
     for (who, token, on_assignment, on_report, on_artifact) in cases {
-        let response = setup
-            .get(&assignment_path(&node_a), token, HeaderMap::new())
-            .await;
+        let response = get(&fleet, &assignment_path(&node_a), token, HeaderMap::new()).await;
         ensure!(
             response.status() == on_assignment,
             "{who} on node a's assignment: expected {on_assignment}, got {}",
@@ -696,13 +551,13 @@ async fn only_a_nodes_own_agent_may_call() -> anyhow::Result<()> {
                 "{who}: an error says why: {body}"
             );
         }
-        let response = setup.post_report(&node_a, token, &report_a).await;
+        let response = post_report(&fleet, &node_a, token, &report_a).await;
         ensure!(
             response.status() == on_report,
             "{who} reporting for node a: expected {on_report}, got {}",
             response.status()
         );
-        let response = setup.get(&artifact, token, HeaderMap::new()).await;
+        let response = get(&fleet, &artifact, token, HeaderMap::new()).await;
         ensure!(
             response.status() == on_artifact,
             "{who} downloading an artifact: expected {on_artifact}, got {}",
@@ -710,19 +565,24 @@ async fn only_a_nodes_own_agent_may_call() -> anyhow::Result<()> {
         );
     }
     // Node b's agent may of course read its own assignment.
-    let response = setup
-        .get(&assignment_path(&node_b), Some(&token_b), HeaderMap::new())
-        .await;
+    let response = get(
+        &fleet,
+        &assignment_path(&node_b),
+        Some(&token_b),
+        HeaderMap::new(),
+    )
+    .await;
     ensure!(response.status() == StatusCode::OK, "{}", response.status());
 
     for code in ["200", "401", "403"] {
-        wait_for_metric(
-            &setup.operator,
-            &format!("shoal_agent_api_requests_total{{route=\"assignment\",code=\"{code}\"}}"),
-        )
-        .await?;
+        fleet
+            .operator
+            .wait_for_metric_starting_with(&format!(
+                "shoal_agent_api_requests_total{{route=\"assignment\",code=\"{code}\"}}"
+            ))
+            .await?;
     }
-    setup.finish().await
+    fleet.finish().await
 }
 
 #[tokio::test]
@@ -731,9 +591,9 @@ async fn agent_api_serves_https_with_the_configured_certificate() -> anyhow::Res
     let certificate = serving_certificate(dir.path())?;
     let cert = certificate.cert.to_string_lossy().to_string();
     let key = certificate.key.to_string_lossy().to_string();
-    let setup = Setup::start("agent-api-tls", &["--tls-cert", &cert, "--tls-key", &key]).await?;
-    let node = setup.nodes[0].clone();
-    let token = setup.agent_token(&node).await?;
+    let fleet = start_fleet("agent-api-tls", &["--tls-cert", &cert, "--tls-key", &key]).await?;
+    let node = fleet.nodes[0].name.clone();
+    let token = fleet.agent_token(&node).await?;
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&certificate.ca)?)?;
     let https = reqwest::Client::builder()
         .add_root_certificate(ca)
@@ -741,7 +601,7 @@ async fn agent_api_serves_https_with_the_configured_certificate() -> anyhow::Res
         .build()?;
     let url = format!(
         "https://{}{}",
-        setup.operator.agent_api_addr(),
+        fleet.operator.agent_api_addr(),
         assignment_path(&node)
     );
     let response = https.get(&url).bearer_auth(&token).send().await?;
@@ -749,9 +609,9 @@ async fn agent_api_serves_https_with_the_configured_certificate() -> anyhow::Res
     let assignment: Assignment = json_body(response).await?;
     ensure!(assignment.models.len() == 1, "{assignment:?}");
     // Plain HTTP on the TLS port gets no answer.
-    let plain = setup
+    let plain = fleet
         .http
-        .get(setup.url(&assignment_path(&node)))
+        .get(agent_api_url(&fleet, &assignment_path(&node)))
         .bearer_auth(&token)
         .send()
         .await;
@@ -759,5 +619,5 @@ async fn agent_api_serves_https_with_the_configured_certificate() -> anyhow::Res
         plain.as_ref().map_or(true, |r| !r.status().is_success()),
         "plain HTTP must not work on the HTTPS listener: {plain:?}"
     );
-    setup.finish().await
+    fleet.finish().await
 }

@@ -7,37 +7,18 @@
 //! `operator_down_agent_keeps_serving_and_restarts_from_cache` is
 //! `$SHOAL_E2E_OFFLINE_SECONDS` (default 10; the acceptance criterion is 60).
 
-use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
-use shoal_api::agent_protocol::report_path;
-use shoal_api::{EdgePool, Model, ModelRollout};
-use shoal_tests::{
-    Agent, KWOK_NODE_KEY, Operator, TestNamespace, client, create_kwok_node, delete_nodes,
-    install_crds, pod_token, sha256_hex, tiny_onnx_model_scaled, wait_for,
+use shoal_tests::fleet::{
+    Fleet, FleetSpec, Load, MODEL, Outcome, Relay, ensure_all_answered_by, ensure_no_failures,
+    ensure_serves, serves_only, wait_serving,
 };
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use shoal_tests::{Agent, sha256_hex, tiny_onnx_model_scaled};
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(90);
-const POOL_LABEL: &str = "shoal.dev/test-pool";
 const POOL: &str = "stores";
-const AGENT_ACCOUNT: &str = "shoal-agent-stores";
-const MODEL: &str = "ranker";
-const ROLLOUT: &str = "ranker-rollout";
-const CONFIG_MAP: &str = "ranker-onnx";
-const AUDIENCE: &str = "shoal";
-/// The agent reports every second so the tests need not wait long for one.
-const AGENT_ARGS: &[&str] = &["--report-seconds", "1"];
-/// What the load clients send; v1 scores it [6, 7, 8], v2 [12, 14, 16].
-const TOKENS: [i32; 4] = [1, 2, 3, 4];
-const V1_SCORES: [f64; 3] = [6.0, 7.0, 8.0];
-const V2_SCORES: [f64; 3] = [12.0, 14.0, 16.0];
+/// How long each load client waits after an answer before its next request.
+const LOAD_PAUSE: Duration = Duration::from_millis(10);
 
 fn v1_bytes() -> Vec<u8> {
     tiny_onnx_model_scaled(1.0)
@@ -50,515 +31,41 @@ fn v2_bytes() -> Vec<u8> {
 /// One test's namespace, operator, kwok node and fleet: pool `stores` of one node,
 /// Model `ranker` Ready at 1.0 (2.0's bytes wait in the same ConfigMap) and a
 /// step-less rollout of 1.0 to the pool.
-struct Setup {
-    client: Client,
-    namespace: TestNamespace,
-    operator: Operator,
-    node: String,
-    http: reqwest::Client,
-}
-
-impl Setup {
-    async fn start(prefix: &str) -> anyhow::Result<Setup> {
-        let client = client().await?;
-        install_crds(&client).await?;
-        let namespace = TestNamespace::create(&client, prefix).await?;
-        let ns = namespace.name().to_string();
-        let operator = Operator::start(&ns).await?;
-        let node = format!("{ns}-edge");
-        create_kwok_node(&client, &node, &[(POOL_LABEL, ns.as_str())]).await?;
-        let setup = Setup {
-            client,
-            namespace,
-            operator,
-            node,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()?,
-        };
-        setup.create_fleet().await?;
-        Ok(setup)
-    }
-
-    fn ns(&self) -> &str {
-        self.namespace.name()
-    }
-
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        Api::namespaced(self.client.clone(), self.ns())
-    }
-
-    async fn create_fleet(&self) -> anyhow::Result<()> {
-        let config_map: ConfigMap = serde_json::from_value(json!({
-            "metadata": { "name": CONFIG_MAP },
-        }))?;
-        let config_map = ConfigMap {
-            binary_data: Some(BTreeMap::from([
-                ("v1".to_string(), ByteString(v1_bytes())),
-                ("v2".to_string(), ByteString(v2_bytes())),
-            ])),
-            ..config_map
-        };
-        self.api::<ConfigMap>()
-            .create(&PostParams::default(), &config_map)
-            .await?;
-        let model: Model = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "Model",
-            "metadata": { "name": MODEL },
-            "spec": { "version": "1.0", "source": { "configMap": { "name": CONFIG_MAP, "key": "v1" } } },
-        }))?;
-        self.api::<Model>()
-            .create(&PostParams::default(), &model)
-            .await?;
-        let pool: EdgePool = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "EdgePool",
-            "metadata": { "name": POOL },
-            "spec": {
-                "nodeSelector": { "matchLabels": { POOL_LABEL: self.ns() } },
-                "tolerations": [{ "key": KWOK_NODE_KEY, "operator": "Exists", "effect": "NoSchedule" }],
-            },
-        }))?;
-        self.api::<EdgePool>()
-            .create(&PostParams::default(), &pool)
-            .await?;
-        let rollout: ModelRollout = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "ModelRollout",
-            "metadata": { "name": ROLLOUT },
-            // These tests are about the agent: a version it refuses must stay
-            // assigned (so it keeps retrying) rather than be rolled back, which
-            // rollout_e2e.rs tests.
-            "spec": { "model": MODEL, "version": "1.0", "pools": [POOL], "autoRollback": false },
-        }))?;
-        self.api::<ModelRollout>()
-            .create(&PostParams::default(), &rollout)
-            .await?;
-        self.wait_model_version("1.0").await
-    }
-
-    async fn wait_model_version(&self, version: &str) -> anyhow::Result<()> {
-        wait_for(&self.api::<Model>(), MODEL, WAIT, |model| {
-            model
-                .status
-                .as_ref()
-                .is_some_and(|s| s.versions.iter().any(|v| v.version == version))
-        })
-        .await
-        .with_context(|| format!("Model {MODEL} version {version} should become Ready"))?;
-        Ok(())
-    }
-
-    /// Model `ranker` → 2.0 (the ConfigMap's `v2` key), until 2.0 is Ready. The
-    /// rollout still says 1.0, so no assignment changes yet.
-    async fn make_v2_ready(&self) -> anyhow::Result<()> {
-        let new_version = json!({ "spec": { "version": "2.0", "source": { "configMap": { "name": CONFIG_MAP, "key": "v2" } } } });
-        self.api::<Model>()
-            .patch(MODEL, &PatchParams::default(), &Patch::Merge(&new_version))
-            .await?;
-        self.wait_model_version("2.0").await
-    }
-
-    async fn bump_rollout(&self, version: &str) -> anyhow::Result<()> {
-        self.api::<ModelRollout>()
-            .patch(
-                ROLLOUT,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "spec": { "version": version } })),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// A token the API server binds to the pool's DaemonSet pod on the node, as the
-    /// kubelet would project it into the agent's pod.
-    async fn agent_token(&self) -> anyhow::Result<String> {
-        let pods = self.api::<Pod>();
-        let deadline = Instant::now() + WAIT;
-        let pod = loop {
-            let listed = pods
-                .list(&ListParams::default().labels(&format!("shoal.dev/pool={POOL}")))
-                .await?;
-            let on_node = listed.items.into_iter().find(|pod| {
-                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(self.node.as_str())
-            });
-            if let Some(name) = on_node.and_then(|pod| pod.metadata.name) {
-                break name;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the DaemonSet {AGENT_ACCOUNT} put no agent pod on node {} within {WAIT:?}",
-                self.node
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        };
-        pod_token(&self.client, self.ns(), AGENT_ACCOUNT, &pod, AUDIENCE).await
-    }
-
-    /// Starts an agent for the node against `control_plane` and waits until it
-    /// serves `ranker` 1.0.
-    async fn start_agent(&self, control_plane: &str) -> anyhow::Result<Agent> {
-        let token = self.agent_token().await?;
-        let agent = Agent::start(control_plane, &self.node, &token, AGENT_ARGS).await?;
-        wait_serving(&self.http, &agent, "1.0").await?;
-        Ok(agent)
-    }
-
-    /// The test passed: remove the node, stop the operator, delete the namespace.
-    async fn finish(self) -> anyhow::Result<()> {
-        delete_nodes(&self.client, std::slice::from_ref(&self.node)).await?;
-        self.operator.stop().await?;
-        self.namespace.delete().await
-    }
-}
-
-/// `GET /v2/models/ranker` → its `versions`, or None if the model is not served.
-async fn served_versions(http: &reqwest::Client, agent: &Agent) -> Option<Vec<String>> {
-    let response = http
-        .get(format!("{}/v2/models/{MODEL}", agent.url()))
-        .send()
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    let body: Value = serde_json::from_slice(&response.bytes().await.ok()?).ok()?;
-    body["versions"].as_array().map(|versions| {
-        versions
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect()
+async fn start_fleet(prefix: &str) -> anyhow::Result<Fleet> {
+    Fleet::start(FleetSpec {
+        prefix,
+        operator_args: &[],
+        pools: &[(POOL, 1)],
+        model_files: vec![("v1", v1_bytes()), ("v2", v2_bytes())],
+        // These tests are about the agent: a version it refuses must stay assigned
+        // (so it keeps retrying) rather than be rolled back, which rollout_e2e.rs
+        // tests.
+        auto_rollback: false,
+        http_timeout: Duration::from_secs(10),
     })
+    .await
 }
 
-/// Waits until the agent's metadata for `ranker` lists exactly `version`.
-async fn wait_serving(http: &reqwest::Client, agent: &Agent, version: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let versions = served_versions(http, agent).await;
-        if versions.as_deref() == Some(&[version.to_string()][..]) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the agent should serve {MODEL} {version} within {WAIT:?}; its metadata lists {versions:?}; its log:\n{}",
-                agent.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The answer to one inference request.
-#[derive(Debug, Clone)]
-struct Outcome {
-    /// The HTTP status, or the transport error.
-    status: Result<u16, String>,
-    model_version: Option<String>,
-    scores: Vec<f64>,
-}
-
-impl Outcome {
-    fn ok(&self) -> bool {
-        self.status == Ok(200)
-    }
-
-    /// "1.0" or "2.0" when the version and the scores agree on it.
-    fn version(&self) -> Option<&'static str> {
-        let close = |expected: &[f64; 3]| {
-            self.scores.len() == 3
-                && self
-                    .scores
-                    .iter()
-                    .zip(expected)
-                    .all(|(a, b)| (a - b).abs() < 1e-3)
-        };
-        match self.model_version.as_deref() {
-            Some("1.0") if close(&V1_SCORES) => Some("1.0"),
-            Some("2.0") if close(&V2_SCORES) => Some("2.0"),
-            _ => None,
-        }
-    }
-}
-
-async fn infer(http: &reqwest::Client, agent_url: &str, body: &Value) -> Outcome {
-    let response = http
-        .post(format!("{agent_url}/v2/models/{MODEL}/infer"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await;
-    let response = match response {
-        Ok(response) => response,
-        Err(err) => {
-            return Outcome {
-                status: Err(err.to_string()),
-                model_version: None,
-                scores: Vec::new(),
-            };
-        }
-    };
-    let status = response.status().as_u16();
-    let body: Value = match response.bytes().await {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        Err(err) => {
-            return Outcome {
-                status: Err(format!("HTTP {status}, body unreadable: {err}")),
-                model_version: None,
-                scores: Vec::new(),
-            };
-        }
-    };
-    Outcome {
-        status: Ok(status),
-        model_version: body["model_version"].as_str().map(str::to_string),
-        scores: body["outputs"][0]["data"]
-            .as_array()
-            .map(|data| data.iter().filter_map(Value::as_f64).collect())
-            .unwrap_or_default(),
-    }
-}
-
-fn standard_request() -> Value {
-    json!({
-        "inputs": [{ "name": "tokens", "datatype": "INT32", "shape": [1, 4], "data": TOKENS }],
-    })
-}
-
-/// Clients sending inference requests back to back (a few ms apart) until `stop`
-/// is set, `deadline` passes or `budget` requests were sent in all.
-struct Load {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-    clients: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
-}
-
-impl Load {
-    fn start(agent_url: &str, clients: usize, deadline: Duration, budget: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicUsize::new(0));
-        let until = Instant::now() + deadline;
-        let clients = (0..clients)
-            .map(|_| {
-                let (stop, sent) = (stop.clone(), sent.clone());
-                let url = agent_url.to_string();
-                tokio::spawn(async move {
-                    let http = reqwest::Client::builder()
-                        .timeout(Duration::from_secs(10))
-                        .build()
-                        .expect("an HTTP client");
-                    let body = standard_request();
-                    let mut outcomes = Vec::new();
-                    while !stop.load(Ordering::Relaxed)
-                        && Instant::now() < until
-                        && sent.fetch_add(1, Ordering::Relaxed) < budget
-                    {
-                        outcomes.push(infer(&http, &url, &body).await);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    outcomes
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            sent,
-            clients,
-        }
-    }
-
-    fn sent(&self) -> usize {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    /// Stops the clients; each client's outcomes, in the order it sent them.
-    async fn finish(self) -> anyhow::Result<Vec<Vec<Outcome>>> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for client in self.clients {
-            all.push(client.await.context("a load client panicked")?);
-        }
-        Ok(all)
-    }
-}
-
-/// Fails with the first few failures if any request was not answered 200.
-fn ensure_no_failures(what: &str, outcomes: &[Vec<Outcome>]) -> anyhow::Result<usize> {
-    let all: Vec<&Outcome> = outcomes.iter().flatten().collect();
-    let failed: Vec<&&Outcome> = all.iter().filter(|o| !o.ok()).collect();
-    ensure!(
-        failed.is_empty(),
-        "{what}: {} of {} requests failed, first ones: {:?}",
-        failed.len(),
-        all.len(),
-        failed.iter().take(5).collect::<Vec<_>>()
-    );
-    Ok(all.len())
-}
-
-/// Sends `count` requests one after another and checks each is 200 from `version`.
-async fn ensure_serves(agent: &Agent, version: &str, count: usize) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    for _ in 0..count {
-        let outcome = infer(&http, agent.url(), &standard_request()).await;
-        ensure!(
-            outcome.ok() && outcome.version() == Some(version),
-            "the agent should answer from {version}: {outcome:?}"
-        );
-    }
-    Ok(())
-}
-
-/// A forwarding proxy between the agent and the operator's agent API that keeps a
-/// copy of every report body the agent POSTs: what actually goes over the wire.
-struct ReportCapture {
-    url: String,
-    reports: Arc<Mutex<Vec<Vec<u8>>>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl ReportCapture {
-    async fn start(upstream: String, node: &str) -> anyhow::Result<ReportCapture> {
-        let reports: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-        // Longer than the agent's long-poll (30 s) plus the operator's answer time.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()?;
-        let report_route = report_path(node);
-        let captured = reports.clone();
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let (http, upstream, report_route, captured) = (
-                http.clone(),
-                upstream.clone(),
-                report_route.clone(),
-                captured.clone(),
-            );
-            async move { forward(request, &http, &upstream, &report_route, &captured).await }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let server = tokio::spawn(async move {
-            if let Err(err) = axum::serve(listener, app).await {
-                eprintln!("the test's report-capturing proxy stopped: {err}");
-            }
-        });
-        Ok(ReportCapture {
-            url,
-            reports,
-            server,
-        })
-    }
-
-    /// Every report body captured so far, parsed.
-    fn reports(&self) -> anyhow::Result<Vec<(String, Value)>> {
-        let raw = self
-            .reports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        raw.into_iter()
-            .map(|bytes| {
-                let text = String::from_utf8(bytes).context("a report is not UTF-8")?;
-                let value = serde_json::from_str(&text)
-                    .with_context(|| format!("a report is not JSON: {text}"))?;
-                Ok((text, value))
-            })
-            .collect()
-    }
-
-    /// Waits for a captured report in which `matches` holds for some model entry.
-    async fn wait_for_model(
-        &self,
-        what: &str,
-        matches: impl Fn(&Value) -> bool,
-    ) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let reports = self.reports()?;
-            if let Some(model) = reports
-                .iter()
-                .rev()
-                .filter_map(|(_, report)| report["models"].as_array())
-                .flatten()
-                .find(|model| matches(model))
-            {
-                return Ok(model.clone());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "no report within 60 s shows {what}; the last one: {:?}",
-                reports.last().map(|(text, _)| text)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for ReportCapture {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-async fn forward(
-    request: axum::extract::Request,
-    http: &reqwest::Client,
-    upstream: &str,
-    report_route: &str,
-    captured: &Mutex<Vec<Vec<u8>>>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, 16 << 20).await {
-        Ok(body) => body,
-        Err(err) => return (reqwest::StatusCode::BAD_REQUEST, err.to_string()).into_response(),
-    };
-    if parts.method == reqwest::Method::POST && parts.uri.path() == report_route {
-        captured
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(body.to_vec());
-    }
-    let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
-    let mut headers = parts.headers.clone();
-    for hop in ["host", "content-length", "connection", "transfer-encoding"] {
-        headers.remove(hop);
-    }
-    let answer = http
-        .request(parts.method.clone(), format!("{upstream}{path}"))
-        .headers(headers)
-        .body(body)
-        .send()
-        .await;
-    let answer = match answer {
-        Ok(answer) => answer,
-        Err(err) => return (reqwest::StatusCode::BAD_GATEWAY, err.to_string()).into_response(),
-    };
-    let status = answer.status();
-    let mut headers = answer.headers().clone();
-    for hop in ["content-length", "connection", "transfer-encoding"] {
-        headers.remove(hop);
-    }
-    match answer.bytes().await {
-        Ok(bytes) => (status, headers, bytes).into_response(),
-        Err(err) => (reqwest::StatusCode::BAD_GATEWAY, err.to_string()).into_response(),
-    }
+/// Starts an agent for the fleet's node against `control_plane` and waits until it
+/// serves `ranker` 1.0.
+async fn start_agent(fleet: &Fleet, control_plane: &str) -> anyhow::Result<Agent> {
+    let agent = fleet
+        .start_agent(&fleet.nodes[0].name, control_plane, &[])
+        .await?;
+    wait_serving(&fleet.http, &agent, "1.0").await?;
+    Ok(agent)
 }
 
 #[tokio::test]
 async fn swap_under_load_fails_no_request() -> anyhow::Result<()> {
-    let setup = Setup::start("e2e-swap").await?;
-    let agent = setup.start_agent(&setup.operator.agent_api_url()).await?;
+    let fleet = start_fleet("e2e-swap").await?;
+    let agent = start_agent(&fleet, &fleet.operator.agent_api_url()).await?;
 
-    let load = Load::start(agent.url(), 4, Duration::from_secs(120), 6000);
+    let load = Load::start(agent.url(), 4, LOAD_PAUSE, Duration::from_secs(120), 6000);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    setup.make_v2_ready().await?;
-    setup.bump_rollout("2.0").await?;
-    wait_serving(&setup.http, &agent, "2.0").await?;
+    fleet.make_version_ready("2.0", "v2").await?;
+    fleet.patch_rollout(json!({ "version": "2.0" })).await?;
+    wait_serving(&fleet.http, &agent, "2.0").await?;
     // A little more load on v2, then stop.
     let swapped_at = load.sent();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -589,11 +96,11 @@ async fn swap_under_load_fails_no_request() -> anyhow::Result<()> {
     }
     eprintln!("swap under load: {total} requests, all 200");
     ensure!(
-        served_versions(&setup.http, &agent).await == Some(vec!["2.0".to_string()]),
+        serves_only(&fleet.http, &agent, "2.0").await,
         "the metadata lists 2.0 only"
     );
     // The agent's own counters saw no error either.
-    let metrics = setup
+    let metrics = fleet
         .http
         .get(format!("{}/metrics", agent.url()))
         .send()
@@ -610,22 +117,22 @@ async fn swap_under_load_fails_no_request() -> anyhow::Result<()> {
     }
 
     agent.stop().await?;
-    setup.finish().await
+    fleet.finish().await
 }
 
 #[tokio::test]
 async fn corrupt_artifact_is_refused_and_v1_keeps_serving() -> anyhow::Result<()> {
-    let setup = Setup::start("e2e-corrupt").await?;
-    let capture = ReportCapture::start(setup.operator.agent_api_url(), &setup.node).await?;
-    let agent = setup.start_agent(&capture.url).await?;
+    let fleet = start_fleet("e2e-corrupt").await?;
+    let relay = Relay::start(fleet.operator.agent_api_url(), &fleet.nodes[0].name, false).await?;
+    let agent = start_agent(&fleet, &relay.url).await?;
     ensure_serves(&agent, "1.0", 5).await?;
 
-    setup.make_v2_ready().await?;
+    fleet.make_version_ready("2.0", "v2").await?;
     // The operator verified 2.0 when it stored it; now its blob rots on disk: same
     // length, other bytes, so what the agent downloads does not match the digest.
     let v2 = v2_bytes();
     let v2_hex = sha256_hex(&v2);
-    let blob = setup.operator.artifact_dir().join("sha256").join(&v2_hex);
+    let blob = fleet.operator.artifact_dir().join("sha256").join(&v2_hex);
     ensure!(
         blob.is_file(),
         "the operator stored 2.0 at {}",
@@ -637,13 +144,9 @@ async fn corrupt_artifact_is_refused_and_v1_keeps_serving() -> anyhow::Result<()
     std::fs::rename(&replacement, &blob)?;
     ensure!(std::fs::read(&blob)? == corrupt);
 
-    let load = Load::start(agent.url(), 1, Duration::from_secs(90), 3000);
-    setup.bump_rollout("2.0").await?;
-    let failed = capture
-        .wait_for_model("ranker 2.0 Failed with the digest error", |model| {
-            model["name"] == MODEL && model["version"] == "2.0" && model["state"] == "Failed"
-        })
-        .await?;
+    let load = Load::start(agent.url(), 1, LOAD_PAUSE, Duration::from_secs(90), 3000);
+    fleet.patch_rollout(json!({ "version": "2.0" })).await?;
+    let failed = relay.wait_for_model_state("2.0", "Failed").await?;
     let error = failed["error"].as_str().unwrap_or_default();
     ensure!(
         error.contains(&v2_hex) && error.contains("sha256"),
@@ -652,29 +155,14 @@ async fn corrupt_artifact_is_refused_and_v1_keeps_serving() -> anyhow::Result<()
     // Let a few more retries of the download fail while requests keep coming.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let outcomes = load.finish().await?;
-    let total = ensure_no_failures("while 2.0 was refused", &outcomes)?;
-    ensure!(
-        outcomes
-            .iter()
-            .flatten()
-            .all(|o| o.version() == Some("1.0")),
-        "every answer came from 1.0: {:?}",
-        outcomes
-            .iter()
-            .flatten()
-            .find(|o| o.version() != Some("1.0"))
-    );
+    let total = ensure_all_answered_by("1.0", "while 2.0 was refused", &outcomes)?;
     eprintln!("corrupt artifact: {total} requests, all 200 from 1.0");
     ensure!(
-        served_versions(&setup.http, &agent).await == Some(vec!["1.0".to_string()]),
+        serves_only(&fleet.http, &agent, "1.0").await,
         "the metadata still lists 1.0 only"
     );
     // The latest report still has 1.0 Serving beside 2.0 Failed.
-    capture
-        .wait_for_model("ranker 1.0 Serving", |model| {
-            model["name"] == MODEL && model["version"] == "1.0" && model["state"] == "Serving"
-        })
-        .await?;
+    relay.wait_for_model_state("1.0", "Serving").await?;
     // Nothing of the corrupt download stays in the agent's cache.
     let cached = agent
         .cache_dir()
@@ -699,17 +187,13 @@ async fn corrupt_artifact_is_refused_and_v1_keeps_serving() -> anyhow::Result<()
     // The blob is repaired: the agent, still retrying the same assignment, takes 2.0.
     std::fs::write(&replacement, &v2)?;
     std::fs::rename(&replacement, &blob)?;
-    wait_serving(&setup.http, &agent, "2.0").await?;
+    wait_serving(&fleet.http, &agent, "2.0").await?;
     ensure_serves(&agent, "2.0", 5).await?;
-    capture
-        .wait_for_model("ranker 2.0 Serving", |model| {
-            model["name"] == MODEL && model["version"] == "2.0" && model["state"] == "Serving"
-        })
-        .await?;
+    relay.wait_for_model_state("2.0", "Serving").await?;
 
     agent.stop().await?;
-    drop(capture);
-    setup.finish().await
+    drop(relay);
+    fleet.finish().await
 }
 
 #[tokio::test]
@@ -721,8 +205,8 @@ async fn operator_down_agent_keeps_serving_and_restarts_from_cache() -> anyhow::
         .transpose()
         .context("SHOAL_E2E_OFFLINE_SECONDS must be a whole number of seconds")?
         .unwrap_or(10);
-    let mut setup = Setup::start("e2e-offline").await?;
-    let mut agent = setup.start_agent(&setup.operator.agent_api_url()).await?;
+    let mut fleet = start_fleet("e2e-offline").await?;
+    let mut agent = start_agent(&fleet, &fleet.operator.agent_api_url()).await?;
     // The last-known-good assignment is on disk once 1.0 serves completely.
     let last_known_good = agent.cache_dir().join("last-known-good.json");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -735,26 +219,25 @@ async fn operator_down_agent_keeps_serving_and_restarts_from_cache() -> anyhow::
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    setup.operator.kill().await?;
+    fleet.operator.kill().await?;
     let offline_for = Duration::from_secs(offline);
-    let load = Load::start(agent.url(), 1, offline_for, 100 * offline as usize + 100);
+    let load = Load::start(
+        agent.url(),
+        1,
+        LOAD_PAUSE,
+        offline_for,
+        100 * offline as usize + 100,
+    );
     tokio::time::sleep(offline_for).await;
     let outcomes = load.finish().await?;
-    let total = ensure_no_failures("while the operator was down", &outcomes)?;
-    ensure!(
-        outcomes
-            .iter()
-            .flatten()
-            .all(|o| o.version() == Some("1.0")),
-        "every answer came from 1.0"
-    );
+    let total = ensure_all_answered_by("1.0", "while the operator was down", &outcomes)?;
     eprintln!("operator down for {offline} s: {total} requests, all 200");
 
     // The agent restarts while the control plane is still unreachable: it serves
     // 1.0 from its cache as soon as it listens.
     agent.restart().await?;
     ensure!(
-        served_versions(&setup.http, &agent).await == Some(vec!["1.0".to_string()]),
+        serves_only(&fleet.http, &agent, "1.0").await,
         "the restarted agent serves 1.0 from its cache at once"
     );
     ensure_serves(&agent, "1.0", 20).await?;
@@ -771,47 +254,34 @@ async fn operator_down_agent_keeps_serving_and_restarts_from_cache() -> anyhow::
     // restarted operator's own /metrics, not the EdgePool's status, proves a fresh
     // report: reports do not trigger a pool reconcile, its status is rewritten on a
     // 60 s resync, and until then it may still show what the old operator wrote.)
-    setup.operator.restart().await?;
-    let ns = setup.ns().to_string();
+    fleet.operator.restart().await?;
+    let ns = fleet.ns().to_string();
     let connected =
         format!("shoal_fleet_agents{{namespace=\"{ns}\",pool=\"{POOL}\",state=\"connected\"}} 1");
-    wait_for_metric(&setup.operator, &agent, |line| line == connected).await?;
+    fleet
+        .operator
+        .wait_for_metric_line(&connected)
+        .await
+        .with_context(|| format!("the agent's log:\n{}", agent.logs()))?;
     ensure_serves(&agent, "1.0", 5).await?;
     let requests = format!(
         "shoal_fleet_requests_total{{namespace=\"{ns}\",model=\"{MODEL}\",version=\"1.0\",pool=\"{POOL}\"}} 5"
     );
-    wait_for_metric(&setup.operator, &agent, |line| line == requests).await?;
+    fleet
+        .operator
+        .wait_for_metric_line(&requests)
+        .await
+        .with_context(|| format!("the agent's log:\n{}", agent.logs()))?;
 
     agent.stop().await?;
-    setup.finish().await
-}
-
-/// Polls the operator's /metrics until a line satisfies `matches`.
-async fn wait_for_metric(
-    operator: &Operator,
-    agent: &Agent,
-    matches: impl Fn(&str) -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = operator.metrics().await?;
-        if text.lines().any(&matches) {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the operator's /metrics did not show what the test waits for within 60 s:\n{text}\nthe agent's log:\n{}",
-            agent.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    fleet.finish().await
 }
 
 #[tokio::test]
 async fn reports_carry_no_request_payloads() -> anyhow::Result<()> {
-    let setup = Setup::start("e2e-privacy").await?;
-    let capture = ReportCapture::start(setup.operator.agent_api_url(), &setup.node).await?;
-    let agent = setup.start_agent(&capture.url).await?;
+    let fleet = start_fleet("e2e-privacy").await?;
+    let relay = Relay::start(fleet.operator.agent_api_url(), &fleet.nodes[0].name, false).await?;
+    let agent = start_agent(&fleet, &relay.url).await?;
 
     // Values no counter, histogram or timestamp would contain by chance.
     let secret_id = format!("secret-id-{}", shoal_tests::unique_name("req"));
@@ -820,7 +290,7 @@ async fn reports_carry_no_request_payloads() -> anyhow::Result<()> {
         "id": secret_id,
         "inputs": [{ "name": "tokens", "datatype": "INT32", "shape": [1, 4], "data": [secret_value, 7, 11, 13] }],
     });
-    let response = setup
+    let response = fleet
         .http
         .post(format!("{}/v2/models/{MODEL}/infer", agent.url()))
         .header("content-type", "application/json")
@@ -842,12 +312,12 @@ async fn reports_carry_no_request_payloads() -> anyhow::Result<()> {
     ensure!(outputs.len() == 3, "{answer}");
 
     // Wait for a report that counts the request, then look at everything sent.
-    capture
+    relay
         .wait_for_model("the request counted", |model| {
             model["name"] == MODEL && model["requests"].as_u64().is_some_and(|n| n >= 1)
         })
         .await?;
-    let reports = capture.reports()?;
+    let reports = relay.reports()?;
     ensure!(!reports.is_empty());
     let secret_text = secret_value.to_string();
     for (text, report) in &reports {
@@ -912,8 +382,8 @@ async fn reports_carry_no_request_payloads() -> anyhow::Result<()> {
     );
 
     agent.stop().await?;
-    drop(capture);
-    setup.finish().await
+    drop(relay);
+    fleet.finish().await
 }
 
 fn collect_numbers(value: &Value, out: &mut Vec<f64>) {

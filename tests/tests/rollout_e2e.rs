@@ -14,46 +14,33 @@
 //! records any version outside the test's plan; every test asserts it recorded none.
 
 use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::Event;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
 use serde_json::{Value, json};
-use shoal_api::{EdgePool, Model, ModelRollout, RolloutPhase};
+use shoal_api::{ModelRollout, RolloutPhase};
+use shoal_tests::fleet::{
+    Fleet, FleetSpec, MODEL, ROLLOUT, TOKENS, WAIT, infer_body, served_versions,
+};
 use shoal_tests::{
-    Agent, KWOK_NODE_KEY, Operator, TestNamespace, bytes_field, client, create_kwok_node,
-    delete_nodes, free_port, install_crds, kubeconfig_path, kubectl_shoal_binary, message,
-    pod_token, shoal_agent_binary, start_control_plane_process, stop_control_plane_process,
-    tiny_onnx_model_scaled, varint_field, wait_for,
+    Agent, bytes_field, free_port, kubeconfig_path, kubectl_shoal_binary, message,
+    scorer_onnx_model, shoal_agent_binary, start_control_plane_process, stop_control_plane_process,
+    tiny_onnx_model_scaled, varint_field,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(90);
-
 /// Tests share the control plane; the one that restarts the API server and etcd
 /// takes it alone (write), every other test of this file shares it (read).
 static CONTROL_PLANE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-/// Label every node of one test carries, with the namespace as value.
-const TEST_LABEL: &str = "shoal.dev/test-pool";
-/// Which pool a node belongs to, within the test.
-const SITE_LABEL: &str = "shoal.dev/test-site";
 const STORES: &str = "stores";
 const WAREHOUSES: &str = "warehouses";
 const POOLS: [(&str, usize); 2] = [(STORES, 3), (WAREHOUSES, 2)];
-const MODEL: &str = "ranker";
-const ROLLOUT: &str = "ranker-rollout";
-const CONFIG_MAP: &str = "ranker-onnx";
-const AUDIENCE: &str = "shoal";
 const V1: &str = "1.0";
 const V2: &str = "2.0";
 const V3: &str = "3.0";
-/// Agents report every second so analysis windows fill quickly.
-const AGENT_ARGS: &[&str] = &["--report-seconds", "1"];
-/// Real tokens: v1 scores them [6, 7, 8], v2 [12, 14, 16], v3 fails on them.
-const TOKENS: [i32; 4] = [1, 2, 3, 4];
 /// Analysis settings of every test that has analysis.
 const ANALYSIS: &str = r#"{"interval": "2s", "minRequests": 20, "maxErrorRate": 0.05}"#;
 
@@ -73,16 +60,7 @@ fn analysis_spec() -> Value {
 /// 500 ("the inference worker failed") and counts an error, request after request.
 fn bad_onnx_model() -> Vec<u8> {
     const FLOAT: u64 = 1;
-    const INT32: u64 = 6;
     const INT64: u64 = 7;
-    let dim_param = |name: &str| message(&[bytes_field(2, name.as_bytes())]);
-    let dim_value = |value: u64| message(&[varint_field(1, value)]);
-    let value_info = |name: &str, elem_type: u64, dims: &[Vec<u8>]| {
-        let shape: Vec<Vec<u8>> = dims.iter().map(|dim| bytes_field(1, dim)).collect();
-        let tensor_type = message(&[varint_field(1, elem_type), bytes_field(2, &message(&shape))]);
-        let type_proto = message(&[bytes_field(1, &tensor_type)]);
-        message(&[bytes_field(1, name.as_bytes()), bytes_field(2, &type_proto)])
-    };
     // AttributeProto {name: 1, i: 3, ints: 8, type: 20 (INT = 2, INTS = 7)}.
     let int_attribute = |name: &str, value: u64| {
         message(&[
@@ -139,31 +117,7 @@ fn bad_onnx_model() -> Vec<u8> {
         bytes_field(8, b"table"),
         bytes_field(9, &values),
     ]);
-    let graph = message(&[
-        bytes_field(1, &cast),
-        bytes_field(1, &gather),
-        bytes_field(1, &reduce),
-        bytes_field(2, b"bad-scorer"),
-        bytes_field(5, &table),
-        bytes_field(
-            11,
-            &value_info("tokens", INT32, &[dim_param("batch"), dim_value(4)]),
-        ),
-        bytes_field(
-            12,
-            &value_info("scores", FLOAT, &[dim_param("batch"), dim_value(3)]),
-        ),
-    ]);
-    message(&[
-        varint_field(1, 8),
-        bytes_field(2, b"shoal-tests"),
-        bytes_field(7, &graph),
-        bytes_field(8, &message(&[varint_field(2, 13)])),
-    ])
-}
-
-fn infer_body(tokens: [i32; 4]) -> Value {
-    json!({ "inputs": [{ "name": "tokens", "datatype": "INT32", "shape": [1, 4], "data": tokens }] })
+    scorer_onnx_model("bad-scorer", &[cast, gather, reduce], &table)
 }
 
 async fn infer_status(http: &reqwest::Client, url: &str, tokens: [i32; 4]) -> anyhow::Result<u16> {
@@ -265,186 +219,66 @@ async fn bad_model_loads_and_warms_up_but_fails_real_requests() -> anyhow::Resul
 // ---------------------------------------------------------------------------
 // The fleet
 
+/// One of the fleet's agents: the kwok node it runs as, and its pool.
 struct FleetAgent {
-    pool: &'static str,
+    pool: String,
     node: String,
     agent: Agent,
 }
 
-/// One test's namespace, operator, 5 kwok nodes in 2 pools, Model `ranker` with
-/// 1.0, 2.0 and 3.0 Ready, rollout `ranker-rollout` Succeeded at 1.0 and 5 agents
-/// serving 1.0.
+/// One test's fleet (namespace, operator, 5 kwok nodes in 2 pools, Model `ranker`
+/// with 1.0, 2.0 and 3.0 Ready, rollout `ranker-rollout` Succeeded at 1.0) and its
+/// 5 agents serving 1.0.
 struct Setup {
-    client: Client,
-    namespace: TestNamespace,
-    operator: Operator,
+    fleet: Fleet,
     agents: Vec<FleetAgent>,
-    http: reqwest::Client,
 }
 
 impl Setup {
     async fn start(prefix: &str) -> anyhow::Result<Setup> {
         let started = Instant::now();
-        let client = client().await?;
-        install_crds(&client).await?;
-        let namespace = TestNamespace::create(&client, prefix).await?;
-        let ns = namespace.name().to_string();
-        let operator = Operator::start(&ns).await?;
-        let mut setup = Setup {
-            client,
-            namespace,
-            operator,
-            agents: Vec::new(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()?,
-        };
-        let mut nodes = Vec::new();
-        for (pool, count) in POOLS {
-            for i in 0..count {
-                let node = format!("{ns}-{pool}-{i}");
-                create_kwok_node(
-                    &setup.client,
-                    &node,
-                    &[(TEST_LABEL, ns.as_str()), (SITE_LABEL, pool)],
-                )
+        let fleet = Fleet::start(FleetSpec {
+            prefix,
+            operator_args: &[],
+            pools: &POOLS,
+            model_files: vec![
+                ("v1", tiny_onnx_model_scaled(1.0)),
+                ("v2", tiny_onnx_model_scaled(2.0)),
+                ("v3", bad_onnx_model()),
+            ],
+            auto_rollback: true,
+            http_timeout: Duration::from_secs(5),
+        })
+        .await?;
+        // 2.0 and 3.0 become Ready in the Model; the rollout still says 1.0.
+        for (version, key) in [(V2, "v2"), (V3, "v3")] {
+            fleet.make_version_ready(version, key).await?;
+        }
+        let mut agents = Vec::new();
+        for node in &fleet.nodes {
+            let agent = fleet
+                .start_agent(&node.name, &fleet.operator.agent_api_url(), &[])
                 .await?;
-                nodes.push((pool, node));
-            }
+            agents.push(FleetAgent {
+                pool: node.pool.clone(),
+                node: node.name.clone(),
+                agent,
+            });
         }
-        setup.create_objects().await?;
-        for (pool, node) in nodes {
-            let token = setup.agent_token(pool, &node).await?;
-            let agent =
-                Agent::start(&setup.operator.agent_api_url(), &node, &token, AGENT_ARGS).await?;
-            setup.agents.push(FleetAgent { pool, node, agent });
-        }
+        let setup = Setup { fleet, agents };
         setup.wait_all_serving(V1).await?;
         setup
+            .fleet
             .wait_rollout("Succeeded at 1.0", |s| {
                 s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V1)
             })
             .await?;
         eprintln!(
-            "[{ns}] setup: 5 agents serve {V1} after {:.1}s",
+            "[{}] setup: 5 agents serve {V1} after {:.1}s",
+            setup.fleet.ns(),
             started.elapsed().as_secs_f64()
         );
         Ok(setup)
-    }
-
-    fn ns(&self) -> &str {
-        self.namespace.name()
-    }
-
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        Api::namespaced(self.client.clone(), self.ns())
-    }
-
-    async fn create_objects(&self) -> anyhow::Result<()> {
-        let config_map = ConfigMap {
-            metadata: kube::api::ObjectMeta {
-                name: Some(CONFIG_MAP.into()),
-                ..Default::default()
-            },
-            binary_data: Some(BTreeMap::from([
-                ("v1".to_string(), ByteString(tiny_onnx_model_scaled(1.0))),
-                ("v2".to_string(), ByteString(tiny_onnx_model_scaled(2.0))),
-                ("v3".to_string(), ByteString(bad_onnx_model())),
-            ])),
-            ..Default::default()
-        };
-        self.api::<ConfigMap>()
-            .create(&PostParams::default(), &config_map)
-            .await?;
-        let model: Model = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "Model",
-            "metadata": { "name": MODEL },
-            "spec": { "version": V1, "source": { "configMap": { "name": CONFIG_MAP, "key": "v1" } } },
-        }))?;
-        self.api::<Model>()
-            .create(&PostParams::default(), &model)
-            .await?;
-        for (pool, _) in POOLS {
-            let pool: EdgePool = serde_json::from_value(json!({
-                "apiVersion": "shoal.dev/v1alpha1", "kind": "EdgePool",
-                "metadata": { "name": pool },
-                "spec": {
-                    "nodeSelector": { "matchLabels": { TEST_LABEL: self.ns(), SITE_LABEL: pool } },
-                    "tolerations": [{ "key": KWOK_NODE_KEY, "operator": "Exists", "effect": "NoSchedule" }],
-                },
-            }))?;
-            self.api::<EdgePool>()
-                .create(&PostParams::default(), &pool)
-                .await?;
-        }
-        // The first rollout of the model: nothing served yet, so every agent gets
-        // 1.0 at once.
-        let rollout: ModelRollout = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "ModelRollout",
-            "metadata": { "name": ROLLOUT },
-            "spec": { "model": MODEL, "version": V1, "pools": [STORES, WAREHOUSES] },
-        }))?;
-        self.api::<ModelRollout>()
-            .create(&PostParams::default(), &rollout)
-            .await?;
-        // 2.0 and 3.0 become Ready in the Model; the rollout still says 1.0.
-        self.wait_model_version(V1).await?;
-        for (version, key) in [(V2, "v2"), (V3, "v3")] {
-            let patch = json!({ "spec": { "version": version, "source": { "configMap": { "name": CONFIG_MAP, "key": key } } } });
-            self.api::<Model>()
-                .patch(MODEL, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            self.wait_model_version(version).await?;
-        }
-        Ok(())
-    }
-
-    async fn wait_model_version(&self, version: &str) -> anyhow::Result<()> {
-        wait_for(&self.api::<Model>(), MODEL, WAIT, |model| {
-            model
-                .status
-                .as_ref()
-                .is_some_and(|s| s.versions.iter().any(|v| v.version == version))
-        })
-        .await
-        .with_context(|| format!("Model {MODEL} version {version} should become Ready"))?;
-        Ok(())
-    }
-
-    /// A token bound to the pool's DaemonSet pod on the node, as the kubelet would
-    /// project it into the agent's pod.
-    async fn agent_token(&self, pool: &str, node: &str) -> anyhow::Result<String> {
-        let pods = self.api::<Pod>();
-        let deadline = Instant::now() + WAIT;
-        let pod = loop {
-            let listed = pods
-                .list(&ListParams::default().labels(&format!("shoal.dev/pool={pool}")))
-                .await?;
-            let on_node = listed
-                .items
-                .into_iter()
-                .find(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node));
-            if let Some(name) = on_node.and_then(|pod| pod.metadata.name) {
-                break name;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the DaemonSet of pool {pool} put no agent pod on node {node} within {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        };
-        pod_token(
-            &self.client,
-            self.ns(),
-            &format!("shoal-agent-{pool}"),
-            &pod,
-            AUDIENCE,
-        )
-        .await
     }
 
     fn targets(&self) -> Vec<AgentTarget> {
@@ -462,7 +296,7 @@ impl Setup {
         let mut out = Vec::new();
         for agent in &self.agents {
             out.push(
-                served_versions(&self.http, agent.agent.url())
+                served_versions(&self.fleet.http, agent.agent.url())
                     .await
                     .ok()
                     .flatten(),
@@ -472,11 +306,11 @@ impl Setup {
     }
 
     /// Nodes serving exactly `version`, by pool.
-    async fn nodes_serving(&self, version: &str) -> BTreeMap<&'static str, BTreeSet<String>> {
+    async fn nodes_serving(&self, version: &str) -> BTreeMap<String, BTreeSet<String>> {
         let served = self.served().await;
-        let mut out: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (agent, versions) in self.agents.iter().zip(served) {
-            let entry = out.entry(agent.pool).or_default();
+            let entry = out.entry(agent.pool.clone()).or_default();
             if versions.as_deref() == Some(&[version.to_string()][..]) {
                 entry.insert(agent.node.clone());
             }
@@ -496,61 +330,21 @@ impl Setup {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let rollout = self.api::<ModelRollout>().get(ROLLOUT).await.ok();
+                let rollout = self.fleet.rollout().await.ok();
                 bail!(
                     "every agent should serve {version} within {WAIT:?}; they serve {served:?}; rollout status: {}\noperator log:\n{}",
                     status_json(rollout.as_ref()),
-                    self.operator.logs()
+                    self.fleet.operator.logs()
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn rollout(&self) -> anyhow::Result<ModelRollout> {
-        Ok(self.api::<ModelRollout>().get(ROLLOUT).await?)
-    }
-
-    async fn wait_rollout(
-        &self,
-        what: &str,
-        condition: impl Fn(&shoal_api::ModelRolloutStatus) -> bool,
-    ) -> anyhow::Result<ModelRollout> {
-        self.wait_named_rollout(ROLLOUT, what, condition).await
-    }
-
-    async fn wait_named_rollout(
-        &self,
-        name: &str,
-        what: &str,
-        condition: impl Fn(&shoal_api::ModelRolloutStatus) -> bool,
-    ) -> anyhow::Result<ModelRollout> {
-        wait_for(&self.api::<ModelRollout>(), name, WAIT, |r| {
-            r.status.as_ref().is_some_and(&condition)
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "rollout {name} should be {what}; operator log:\n{}",
-                self.operator.logs()
-            )
-        })
-    }
-
-    async fn patch_rollout(&self, spec: Value) -> anyhow::Result<()> {
-        self.api::<ModelRollout>()
-            .patch(
-                ROLLOUT,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "spec": spec })),
-            )
-            .await?;
-        Ok(())
-    }
-
     /// The Events about a ModelRollout: (type, reason, message).
     async fn events(&self, name: &str) -> anyhow::Result<Vec<(String, String, String)>> {
         let events = self
+            .fleet
             .api::<Event>()
             .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
             .await?;
@@ -595,7 +389,7 @@ impl Setup {
     async fn kubectl_shoal(&self, args: &[&str]) -> anyhow::Result<String> {
         let output = tokio::process::Command::new(kubectl_shoal_binary()?)
             .args(args)
-            .args(["-n", self.ns()])
+            .args(["-n", self.fleet.ns()])
             .env("KUBECONFIG", kubeconfig_path())
             .stdin(std::process::Stdio::null())
             .output()
@@ -613,13 +407,12 @@ impl Setup {
     /// The test passed: stop the agents, remove the nodes, stop the operator,
     /// delete the namespace.
     async fn finish(self) -> anyhow::Result<()> {
-        let nodes: Vec<String> = self.agents.iter().map(|a| a.node.clone()).collect();
         for agent in self.agents {
             agent.agent.stop().await?;
         }
-        delete_nodes(&self.client, &nodes).await?;
         // Not an assertion (a conflict on a write is retried), but worth seeing.
         let warnings: Vec<String> = self
+            .fleet
             .operator
             .logs()
             .lines()
@@ -629,13 +422,12 @@ impl Setup {
         if !warnings.is_empty() {
             eprintln!(
                 "[{}] the operator logged {} warning(s)/error(s):\n{}",
-                self.namespace.name(),
+                self.fleet.ns(),
                 warnings.len(),
                 warnings.join("\n")
             );
         }
-        self.operator.stop().await?;
-        self.namespace.delete().await
+        self.fleet.finish().await
     }
 }
 
@@ -644,27 +436,6 @@ fn status_json(rollout: Option<&ModelRollout>) -> String {
         .and_then(|r| r.status.as_ref())
         .and_then(|s| serde_json::to_string_pretty(s).ok())
         .unwrap_or_else(|| "(none)".into())
-}
-
-/// `GET /v2/models/ranker` → Ok(Some(versions)), Ok(None) when the agent answers
-/// that it does not serve `ranker`, Err when it does not answer.
-async fn served_versions(http: &reqwest::Client, url: &str) -> anyhow::Result<Option<Vec<String>>> {
-    let response = http.get(format!("{url}/v2/models/{MODEL}")).send().await?;
-    if response.status() == 404 {
-        return Ok(None);
-    }
-    ensure!(
-        response.status().is_success(),
-        "metadata answered {}",
-        response.status()
-    );
-    let body: Value = serde_json::from_slice(&response.bytes().await?)?;
-    Ok(body["versions"].as_array().map(|versions| {
-        versions
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect()
-    }))
 }
 
 // ---------------------------------------------------------------------------
@@ -934,7 +705,7 @@ async fn wait_all_on(setup: &Setup, watch: &Watch, version: &str) -> anyhow::Res
 async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-canary").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
     let load = Load::start(&setup.targets());
 
     let steps = json!([
@@ -946,12 +717,14 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
     ]);
     let patched = Instant::now();
     setup
+        .fleet
         .patch_rollout(json!({ "version": V2, "steps": steps, "analysis": analysis_spec() }))
         .await?;
 
     // At weight 20 (the setWeight 20 step done, through the pause and the first
     // analysis): one store and one warehouse serve 2.0, seen on the agents.
     setup
+        .fleet
         .wait_rollout("Paused at step index 1 (pause 2s)", |s| {
             s.canary_version.as_deref() == Some(V2)
                 && s.phase == Some(RolloutPhase::Paused)
@@ -960,9 +733,9 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
         .await?;
     let mut samples = 0;
     for _ in 0..6 {
-        let before = setup.rollout().await?;
+        let before = setup.fleet.rollout().await?;
         let on_v2 = setup.nodes_serving(V2).await;
-        let after = setup.rollout().await?;
+        let after = setup.fleet.rollout().await?;
         let weight_20 = |r: &ModelRollout| {
             r.status
                 .as_ref()
@@ -971,7 +744,7 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
         if !weight_20(&before) || !weight_20(&after) {
             break;
         }
-        let counts: Vec<(&str, usize)> = on_v2.iter().map(|(p, n)| (*p, n.len())).collect();
+        let counts: Vec<(&str, usize)> = on_v2.iter().map(|(p, n)| (p.as_str(), n.len())).collect();
         ensure!(
             counts == vec![(STORES, 1), (WAREHOUSES, 1)],
             "at setWeight 20 exactly ceil(20% of 3) = 1 store and ceil(20% of 2) = 1 warehouse \
@@ -989,6 +762,7 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
 
     let all_on_v2 = wait_all_on(&setup, &watch, V2).await?;
     let rollout = setup
+        .fleet
         .wait_rollout("Succeeded at 2.0", |s| {
             s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
         })
@@ -1049,10 +823,11 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
 async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-rollback").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V3], setup.api());
+    let watch = Watch::start(&setup.targets(), &[V1, V3], setup.fleet.api());
     let load = Load::start(&setup.targets());
 
     setup
+        .fleet
         .patch_rollout(json!({
             "version": V3,
             "steps": [ { "setWeight": 40 }, { "analysis": {} }, { "setWeight": 100 } ],
@@ -1060,6 +835,7 @@ async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
         }))
         .await?;
     let rollout = setup
+        .fleet
         .wait_rollout("RolledBack", |s| {
             s.canary_version.as_deref() == Some(V3) && s.phase == Some(RolloutPhase::RolledBack)
         })
@@ -1115,6 +891,7 @@ async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
     let mut counted = 0u64;
     for agent in &setup.agents {
         let metrics = setup
+            .fleet
             .http
             .get(format!("{}/metrics", agent.agent.url()))
             .send()
@@ -1139,7 +916,7 @@ async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
     );
     // Once back on 1.0 every agent answers again.
     for agent in &setup.agents {
-        let status = infer_status(&setup.http, agent.agent.url(), TOKENS).await?;
+        let status = infer_status(&setup.fleet.http, agent.agent.url(), TOKENS).await?;
         ensure!(status == 200, "{} answers 200 on 1.0: {status}", agent.node);
     }
     watch.finish().await?;
@@ -1150,16 +927,18 @@ async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
 async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
     let mut setup = Setup::start("ro-restart").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
     let load = Load::start(&setup.targets());
 
     setup
+        .fleet
         .patch_rollout(json!({
             "version": V2,
             "steps": [ { "setWeight": 40 }, { "pause": {} }, { "setWeight": 100 } ],
         }))
         .await?;
     let paused = setup
+        .fleet
         .wait_rollout("Paused at step index 1 (until promoted)", |s| {
             s.canary_version.as_deref() == Some(V2)
                 && s.phase == Some(RolloutPhase::Paused)
@@ -1174,16 +953,16 @@ async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> an
     );
 
     let killed = Instant::now();
-    setup.operator.kill().await?;
+    setup.fleet.operator.kill().await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     ensure!(
         setup.nodes_serving(V2).await == canaries,
         "with the operator down the agents keep serving what they served"
     );
-    setup.operator.restart().await?;
+    setup.fleet.operator.restart().await?;
     // A few reconciles of the restarted operator.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = setup.rollout().await?;
+    let after = setup.fleet.rollout().await?;
     let (before_status, after_status) = (
         paused.status.clone().unwrap_or_default(),
         after.status.clone().unwrap_or_default(),
@@ -1236,6 +1015,7 @@ async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> an
     let promoted = setup.kubectl_shoal(&["promote", ROLLOUT]).await?;
     ensure!(promoted.contains("promote"), "{promoted}");
     setup
+        .fleet
         .wait_rollout("Succeeded at 2.0 after the promote", |s| {
             s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
         })
@@ -1259,13 +1039,15 @@ async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> an
 async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-undo").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
     let load = Load::start(&setup.targets());
 
     setup
+        .fleet
         .patch_rollout(json!({ "version": V2, "steps": [ { "setWeight": 50 } ] }))
         .await?;
     setup
+        .fleet
         .wait_rollout("Succeeded at 2.0", |s| {
             s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
         })
@@ -1274,13 +1056,14 @@ async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Re
 
     let undone = setup.kubectl_shoal(&["undo", ROLLOUT]).await?;
     ensure!(undone.contains(V1), "undo says where it goes: {undone}");
-    let rollout = setup.rollout().await?;
+    let rollout = setup.fleet.rollout().await?;
     ensure!(
         rollout.spec.version == V1,
         "undo set spec.version to {V1}: {:?}",
         rollout.spec
     );
     let rollout = setup
+        .fleet
         .wait_rollout("Succeeded at 1.0 again", |s| {
             s.phase == Some(RolloutPhase::Succeeded)
                 && s.canary_version.as_deref() == Some(V1)
@@ -1309,16 +1092,18 @@ async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Re
 async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
     let setup = Setup::start("ro-conflict").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
     let load = Load::start(&setup.targets());
 
     setup
+        .fleet
         .patch_rollout(json!({
             "version": V2,
             "steps": [ { "setWeight": 40 }, { "pause": {} } ],
         }))
         .await?;
     setup
+        .fleet
         .wait_rollout("Paused until promoted", |s| {
             s.canary_version.as_deref() == Some(V2)
                 && s.phase == Some(RolloutPhase::Paused)
@@ -1334,10 +1119,12 @@ async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Res
         "spec": { "model": MODEL, "version": V3, "pools": [STORES] },
     }))?;
     setup
+        .fleet
         .api::<ModelRollout>()
         .create(&PostParams::default(), &rollout)
         .await?;
     let refused = setup
+        .fleet
         .wait_named_rollout(second, "refused with Accepted=False/Conflict", |s| {
             s.conditions
                 .iter()
@@ -1365,7 +1152,7 @@ async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Res
         setup.nodes_serving(V2).await == canaries,
         "the first rollout's canaries are unchanged"
     );
-    let first = setup.rollout().await?.status.unwrap_or_default();
+    let first = setup.fleet.rollout().await?.status.unwrap_or_default();
     ensure!(
         first.phase == Some(RolloutPhase::Paused) && first.current_step == Some(1),
         "the first rollout still holds at its pause: {first:?}"
@@ -1387,16 +1174,18 @@ async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Res
 async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> anyhow::Result<()> {
     let _alone = CONTROL_PLANE.write().await;
     let mut setup = Setup::start("ro-apiserver").await?;
-    let operator_pid = setup.operator.pid();
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let operator_pid = setup.fleet.operator.pid();
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
     let load = Load::start(&setup.targets());
     setup
+        .fleet
         .patch_rollout(json!({
             "version": V2,
             "steps": [ { "setWeight": 40 }, { "pause": { "duration": "20s" } }, { "setWeight": 100 } ],
         }))
         .await?;
     setup
+        .fleet
         .wait_rollout("Paused at step index 1 (20 s)", |s| {
             s.phase == Some(RolloutPhase::Paused) && s.current_step == Some(1)
         })
@@ -1410,9 +1199,10 @@ async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> 
     start_control_plane_process("kube-apiserver", &apiserver)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let ready = tokio::time::timeout(Duration::from_secs(3), setup.client.list_api_groups())
-            .await
-            .is_ok_and(|answer| answer.is_ok());
+        let ready =
+            tokio::time::timeout(Duration::from_secs(3), setup.fleet.client.list_api_groups())
+                .await
+                .is_ok_and(|answer| answer.is_ok());
         if ready {
             break;
         }
@@ -1428,13 +1218,14 @@ async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> 
     );
 
     setup
+        .fleet
         .wait_rollout("Succeeded at 2.0 after the restart", |s| {
             s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
         })
         .await?;
     setup.wait_all_serving(V2).await?;
     ensure!(
-        setup.operator.is_alive() && setup.operator.pid() == operator_pid,
+        setup.fleet.operator.is_alive() && setup.fleet.operator.pid() == operator_pid,
         "the operator recovered without a restart of its own"
     );
     let (ok, server_errors, other) = load.finish().await;
@@ -1457,9 +1248,10 @@ async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> 
 async fn operator_killed_repeatedly_mid_rollout_stays_within_the_plan() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
     let mut setup = Setup::start("ro-kills").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.api());
+    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
     let load = Load::start(&setup.targets());
     setup
+        .fleet
         .patch_rollout(json!({
             "version": V2,
             "steps": [
@@ -1480,18 +1272,20 @@ async fn operator_killed_repeatedly_mid_rollout_stays_within_the_plan() -> anyho
         let after = Duration::from_millis(500 + (seed >> 33) % 3000);
         tokio::time::sleep(after).await;
         let phase = setup
+            .fleet
             .rollout()
             .await?
             .status
             .map(|s| format!("{:?} step {:?}", s.phase, s.current_step))
             .unwrap_or_default();
-        setup.operator.kill().await?;
+        setup.fleet.operator.kill().await?;
         tokio::time::sleep(Duration::from_millis(300 + (seed >> 40) % 1500)).await;
-        setup.operator.restart().await?;
+        setup.fleet.operator.restart().await?;
         kills.push(format!("{after:?} ({phase})"));
     }
     eprintln!("operator killed after: {}", kills.join(", "));
     setup
+        .fleet
         .wait_rollout("Succeeded at 2.0 despite the kills", |s| {
             s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
         })
