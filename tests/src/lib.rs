@@ -628,8 +628,8 @@ pub fn ppocr_cls_onnx() -> anyhow::Result<Vec<u8>> {
 }
 
 /// The example recommender (examples/recommender/) trained by `make example-model`:
-/// `recommender.onnx` (input `user_id` int64 [batch], output `scores` float
-/// [batch, 1682]) and `validation.jsonl`, in `$SHOAL_RECOMMENDER_DIR`.
+/// `recommender.onnx` (input `user_id` int64 `[batch]`, output `scores` float
+/// `[batch, 1682]`) and `validation.jsonl`, in `$SHOAL_RECOMMENDER_DIR`.
 pub fn recommender_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::var_os("SHOAL_RECOMMENDER_DIR")
         .filter(|d| !d.is_empty())
