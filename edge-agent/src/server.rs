@@ -413,9 +413,15 @@ async fn infer_on(
     if declared_length(headers).is_some_and(|length| length > limit) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let slot = state.admission.try_admit().ok_or(ApiError::QueueFull)?;
     let timeout = state.limits.request_timeout;
     let body_timeout = state.limits.body_read_timeout;
+    let Some(slot) = state.admission.try_admit() else {
+        // Read the rest of the body, keeping none of it, before answering 429: a
+        // connection closed with request bytes unread is reset by the kernel, and
+        // the client may then lose the answer and see a broken connection.
+        let _ = tokio::time::timeout(body_timeout, discard_body(body, limit)).await;
+        return Err(ApiError::QueueFull);
+    };
     let work = async {
         let bytes = tokio::time::timeout(body_timeout, read_body(body, limit))
             .await
@@ -491,6 +497,18 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
         bytes.extend_from_slice(&chunk);
     }
     Ok(bytes)
+}
+
+/// Reads a body to its end, or up to `limit` bytes, holding one chunk at a time.
+async fn discard_body(body: Body, limit: usize) {
+    let mut stream = body.into_data_stream();
+    let mut read = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        read += chunk.len();
+        if read > limit {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
