@@ -6,8 +6,10 @@
 #
 # Environment: CARGO_FUZZ (the cargo-fuzz binary; default: cargo-fuzz on PATH),
 # FUZZ_SANITIZER (address, the default, or none: about twice the executions per
-# second, without the checks on tract's unsafe code), FUZZ_TARGET_DIR (the build
-# directory; default fuzz/target).
+# second, without the checks on tract's unsafe code), FUZZ_PROFILE (release, the
+# default, or dev: unoptimised with debug assertions, so integer overflows panic;
+# builds in ~3 minutes instead of ~20 but runs tract ~10x slower), FUZZ_TARGET_DIR
+# (the build directory; default fuzz/target).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,6 +19,12 @@ targets=("$@")
 ((${#targets[@]})) || targets=(inference_request agent_protocol onnx_compressor)
 cargo_fuzz=${CARGO_FUZZ:-cargo-fuzz}
 sanitizer=${FUZZ_SANITIZER:-address}
+profile=${FUZZ_PROFILE:-release}
+case $profile in
+  release) build_flags=(--sanitizer "$sanitizer") ;;
+  dev) build_flags=(--sanitizer "$sanitizer" --dev) ;;
+  *) echo "FUZZ_PROFILE must be release or dev, not $profile" >&2; exit 2 ;;
+esac
 target_dir=${FUZZ_TARGET_DIR:-target}
 
 # cargo-fuzz needs unstable rustc flags: the nightly toolchain when rustup has one,
@@ -37,12 +45,12 @@ declare -A dict=([inference_request]=dict/inference_request.dict [agent_protocol
 mkdir -p logs "$target_dir"
 touch "$target_dir" # most recently used: .ci/run keeps the two newest build directories
 started=$SECONDS
-if ! "$cargo_fuzz" fuzz build --sanitizer "$sanitizer" --target-dir "$target_dir" >logs/build.log 2>&1; then
+if ! "$cargo_fuzz" fuzz build "${build_flags[@]}" --target-dir "$target_dir" >logs/build.log 2>&1; then
   tail -n 60 logs/build.log >&2
   echo "fuzz build failed; the log is in fuzz/logs/build.log" >&2
   exit 1
 fi
-echo "fuzz build ($RUSTUP_TOOLCHAIN, sanitizer $sanitizer): $((SECONDS - started)) s"
+echo "fuzz build ($RUSTUP_TOOLCHAIN, $profile profile, sanitizer $sanitizer): $((SECONDS - started)) s"
 
 summary=()
 for target in "${targets[@]}"; do
@@ -51,7 +59,7 @@ for target in "${targets[@]}"; do
   log=logs/$target.log
   # New inputs go to corpus/TARGET (not committed); seeds/TARGET is read only.
   set +e
-  "$cargo_fuzz" fuzz run --sanitizer "$sanitizer" --target-dir "$target_dir" "$target" \
+  "$cargo_fuzz" fuzz run "${build_flags[@]}" --target-dir "$target_dir" "$target" \
     "corpus/$target" "seeds/$target" -- \
     -max_total_time="$seconds" -timeout="${timeout[$target]}" -max_len="${max_len[$target]}" \
     -rss_limit_mb=2048 ${dict[$target]:+-dict=${dict[$target]}} -print_final_stats=1 \
