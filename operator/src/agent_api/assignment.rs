@@ -575,12 +575,8 @@ mod tests {
             .map(String::as_str)
             .collect();
         canaries.sort();
-        let mut expected = crate::rollout::cohort::canary_order(
-            "shop",
-            "ranker-rollout",
-            names.iter().map(String::as_str),
-        )[..3]
-            .to_vec();
+        let order = CanaryOrder::new("shop", "ranker-rollout", names.iter().map(String::as_str));
+        let mut expected: Vec<&str> = order.nodes().take(3).collect();
         expected.sort();
         assert_eq!(canaries, expected);
     }

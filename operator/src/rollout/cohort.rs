@@ -56,20 +56,11 @@ impl CanaryOrder {
             .partition_point(|(key, name)| (*key, name.as_str()) < (own, node));
         below < count
     }
-}
 
-/// The pool's nodes in canary order (lowest rank key first).
-pub fn canary_order<'a>(
-    namespace: &str,
-    rollout: &str,
-    nodes: impl IntoIterator<Item = &'a str>,
-) -> Vec<&'a str> {
-    let mut ranked: Vec<(u64, &str)> = nodes
-        .into_iter()
-        .map(|node| (rank_key(namespace, rollout, node), node))
-        .collect();
-    ranked.sort();
-    ranked.into_iter().map(|(_, node)| node).collect()
+    /// The pool's nodes in canary order (lowest rank key first).
+    pub fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.ranked.iter().map(|(_, node)| node.as_str())
+    }
 }
 
 /// Agents that must serve the new version at `weight` percent of `agents`: rounded
@@ -129,8 +120,7 @@ mod tests {
             );
             previous = now;
         }
-        let order = canary_order("shop", "ranker", pool.iter().copied());
-        let mut first_four = order[..4].to_vec();
+        let mut first_four: Vec<&str> = order.nodes().take(4).collect();
         first_four.sort();
         assert_eq!(first_four, canaries(4));
     }
@@ -159,9 +149,9 @@ mod tests {
     fn another_rollout_picks_other_canaries() {
         let names = nodes(40);
         let pool: Vec<&str> = names.iter().map(String::as_str).collect();
-        let a = canary_order("shop", "ranker", pool.iter().copied());
-        let b = canary_order("shop", "search", pool.iter().copied());
-        assert_ne!(a[..5], b[..5]);
+        let a = CanaryOrder::new("shop", "ranker", pool.iter().copied());
+        let b = CanaryOrder::new("shop", "search", pool.iter().copied());
+        assert!(a.nodes().take(5).ne(b.nodes().take(5)));
     }
 
     #[test]

@@ -309,15 +309,15 @@ fn observe(
             .iter()
             .find(|p| &p.pool == pool)
             .map_or(0, |p| p.updated.max(0) as usize);
-        let order = cohort::canary_order(&namespace, &name, nodes.keys().map(String::as_str));
+        let order = cohort::CanaryOrder::new(&namespace, &name, nodes.keys().map(String::as_str));
         let mut observed = PoolObservation {
             pool: pool.clone(),
             agents: nodes.len() as i32,
             ready: 0,
             failed: 0,
         };
-        for (rank, node) in order.iter().enumerate() {
-            let latest = reports.get(*node);
+        for (rank, node) in order.nodes().enumerate() {
+            let latest = reports.get(node);
             let model_report = |version: &str| {
                 latest.and_then(|l| {
                     l.report
@@ -329,18 +329,18 @@ fn observe(
             if let Some(stable) = &status.stable_version
                 && let Some(report) = model_report(stable)
             {
-                stable_now.insert((*node).to_string(), Counters::from_report(report));
+                stable_now.insert(node.to_string(), Counters::from_report(report));
             }
             let Some(canary) = &canary else { continue };
             if let Some(report) = model_report(canary) {
-                canary_now.insert((*node).to_string(), Counters::from_report(report));
+                canary_now.insert(node.to_string(), Counters::from_report(report));
             }
             if rank >= updated {
                 continue;
             }
             let state = agent_state(
                 latest.map(|l| l.received),
-                nodes.get(*node).and_then(|info| info.created),
+                nodes.get(node).and_then(|info| info.created),
                 now,
                 rctx.fleet.stale_after,
                 rctx.fleet.started,
