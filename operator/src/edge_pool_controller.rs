@@ -285,25 +285,14 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
     let seen = format!("{digest} {}", watched.as_deref().map_or(0, generation));
     // A DaemonSet deleted by hand comes back at once, not at the next resync.
     if watched.is_none() || needs_apply(pool_ctx.applied.last(&key).as_ref(), &seen, now) {
-        let apply = PatchParams::apply(FIELD_MANAGER).force();
-        let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
-        accounts
-            .patch(&ds_name, &apply, &Patch::Apply(&account))
-            .await?;
-        if let Some(config_map) = &ca_config_map {
-            let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
-            config_maps
-                .patch(
-                    &edge_pool_daemonset::ca_config_map_name(&name),
-                    &apply,
-                    &Patch::Apply(config_map),
-                )
-                .await?;
-        }
-        let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &namespace);
-        let applied = daemon_sets
-            .patch(&ds_name, &apply, &Patch::Apply(&daemon_set))
-            .await?;
+        let applied = apply_agent_objects(
+            ctx,
+            &namespace,
+            &account,
+            ca_config_map.as_ref(),
+            &daemon_set,
+        )
+        .await?;
         pool_ctx
             .applied
             .record(&key, format!("{digest} {}", generation(&applied)), now);
@@ -347,6 +336,32 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
         None => {}
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Server-side applies a pool's agent ServiceAccount, CA ConfigMap (when the agent
+/// API has a private CA) and DaemonSet; returns the DaemonSet as applied.
+async fn apply_agent_objects(
+    ctx: &Context,
+    namespace: &str,
+    account: &ServiceAccount,
+    ca_config_map: Option<&ConfigMap>,
+    daemon_set: &DaemonSet,
+) -> Result<DaemonSet, Error> {
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
+    accounts
+        .patch(&account.name_any(), &apply, &Patch::Apply(account))
+        .await?;
+    if let Some(config_map) = ca_config_map {
+        let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+        config_maps
+            .patch(&config_map.name_any(), &apply, &Patch::Apply(config_map))
+            .await?;
+    }
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(daemon_sets
+        .patch(&daemon_set.name_any(), &apply, &Patch::Apply(daemon_set))
+        .await?)
 }
 
 /// A digest of the agent objects applied for a pool.
