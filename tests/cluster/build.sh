@@ -9,7 +9,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.env"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
 cache=${SHOAL_CACHE:-$HOME/.cache/shoal}
-bin="$cache/bin/k8s-$KUBE_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+# The kube binary's components are in kube/main.go and kube/go.sum: a change there
+# (a component added) is a new cache key too.
+kube_key=$(cat "$here/kube/main.go" "$here/kube/go.sum" | sha256sum | cut -c1-8)
+bin="$cache/bin/k8s-$KUBE_VERSION-$kube_key-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
 mkdir -p "$bin"
 
 # Go prints nothing while it compiles; count the packages it reports with -v
@@ -44,7 +47,7 @@ build_with_progress() { # label total_packages command...
 }
 
 if [[ ! -x "$bin/kube" ]]; then
-  echo "Building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and etcd v$KUBE_VERSION"
+  echo "Building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy and etcd v$KUBE_VERSION"
   echo "from the k8s.io/kubernetes Go module (a cold build takes 15-25 minutes on 2 cores)"
   cd "$here/kube"
   go mod download
@@ -56,7 +59,7 @@ if [[ ! -x "$bin/kube" ]]; then
   build_with_progress kube "$total" go build -v -trimpath -ldflags "$ldflags" -o "$bin/kube.tmp" .
   mv "$bin/kube.tmp" "$bin/kube"
 fi
-for component in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd; do
+for component in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd; do
   ln -sf kube "$bin/$component"
 done
 
