@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the local control plane from Go modules (no release downloads):
 # one multicall `kube` binary (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd) plus kwok and helm, into a cache directory
-# outside the repo keyed by version. A second run finds them and returns at once.
+# kube-scheduler, kubectl, kubelet, kube-proxy, etcd) plus kwok, helm and CoreDNS
+# (the real node's cluster DNS, node-up.sh), into a cache directory outside the
+# repo keyed by version. A second run finds them and returns at once.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -12,8 +13,22 @@ cache=${SHOAL_CACHE:-$HOME/.cache/shoal}
 # The kube binary's components are in kube/main.go and kube/go.sum: a change there
 # (a component added) is a new cache key too.
 kube_key=$(cat "$here/kube/main.go" "$here/kube/go.sum" | sha256sum | cut -c1-8)
-bin="$cache/bin/k8s-$KUBE_VERSION-$kube_key-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+bin="$cache/bin/k8s-$KUBE_VERSION-$kube_key-kwok-$KWOK_VERSION-helm-$HELM_VERSION-coredns-$COREDNS_VERSION"
 mkdir -p "$bin"
+
+# A binary of the same version already built into another cache directory (one
+# whose key differs only by another tool's version) is linked, not rebuilt: a new
+# CoreDNS version must not cost a 15-minute kube build.
+reuse() { # name glob-of-directories-that-hold-the-same-build
+  local name=$1 dir; shift
+  [[ -x "$bin/$name" ]] && return 0
+  for dir in "$@"; do
+    [[ -x "$dir/$name" && ! -L "$dir/$name" && "$dir" != "$bin" ]] || continue
+    ln "$dir/$name" "$bin/$name" 2>/dev/null || cp "$dir/$name" "$bin/$name"
+    echo "Reusing $name from $dir"
+    return 0
+  done
+}
 
 # Go prints nothing while it compiles; count the packages it reports with -v
 # against the package graph so a person sees how far along a 10+ minute build is.
@@ -46,6 +61,7 @@ build_with_progress() { # label total_packages command...
   rm -f "$log"
 }
 
+reuse kube "$cache/bin/k8s-$KUBE_VERSION-$kube_key-"*
 if [[ ! -x "$bin/kube" ]]; then
   echo "Building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy and etcd v$KUBE_VERSION"
   echo "from the k8s.io/kubernetes Go module (a cold build takes 15-25 minutes on 2 cores)"
@@ -65,6 +81,7 @@ done
 
 install_tool() { # name module version
   local name=$1 module=$2 version=$3
+  reuse "$name" "$cache/bin/"*"-$name-$version" "$cache/bin/"*"-$name-$version-"*
   [[ -x "$bin/$name" ]] && return 0
   echo "Building $name v$version with go install"
   local gobin; gobin=$(mktemp -d)
@@ -74,6 +91,9 @@ install_tool() { # name module version
 }
 install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+# CoreDNS serves cluster.local to the pods of the real node (node-up.sh); its
+# go.mod has no replace directives, so go install builds it as released.
+install_tool coredns github.com/coredns/coredns "$COREDNS_VERSION"
 
 # A stable path for the Makefile and scripts to find the binaries.
 mkdir -p "$cache/bin"
