@@ -58,6 +58,34 @@ cluster-up: deps
 cluster-down:
 	tests/cluster/down.sh
 
+# The real node (tests/cluster/node-up.sh): kubelet, containerd + runc, CNI bridge,
+# kube-proxy and CoreDNS beside the kwok nodes. Its Debian packages, when missing:
+NODE_DEBS := containerd:containerd runc:runc iptables:iptables conntrack:conntrack socat:socat \
+  /usr/lib/cni/bridge:containernetworking-plugins umoci:umoci skopeo:skopeo musl-gcc:musl-tools \
+  /bin/busybox:busybox-static
+
+.PHONY: node-deps node-up node-down node-check
+## node-deps: Debian packages of the real node (and of node-check's test images), installed only when missing
+node-deps:
+	@missing=(); for pair in $(NODE_DEBS); do tool=$${pair%%:*}; \
+	  if [[ $$tool == /* ]]; then [[ -x $$tool ]] || missing+=($${pair#*:}); \
+	  else command -v $$tool >/dev/null || missing+=($${pair#*:}); fi; done; \
+	  ldd /bin/busybox >/dev/null 2>&1 && missing+=(busybox-static); \
+	  if (($${#missing[@]})); then echo "Installing $${missing[*]} with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$${missing[@]}" >/dev/null; fi
+
+## node-up: a real node, shoal-node-0 (label shoal.dev/node=real), beside the kwok nodes; starts the control plane if needed
+node-up: deps node-deps
+	tests/cluster/node-up.sh
+
+## node-down: stop the real node and remove what it created (cluster-down does it too)
+node-down:
+	tests/cluster/node-down.sh
+
+## node-check: a pod, a Service, DNS, the API server from a pod and kubectl logs on the real node
+node-check: node-up
+	tests/cluster/node-check.sh
+
 test-models:
 	@tests/models/fetch.sh >/dev/null
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Stops exactly the processes up.sh started (by PID file), newest first.
+# Stops exactly the processes up.sh started (by PID file), newest first; the real
+# node (node-up.sh), if one is up, before them.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 pids="$here/../../target/cluster/pids"
 quiet=false; [[ ${1:-} == --quiet ]] && quiet=true
+if $quiet; then "$here/node-down.sh" --quiet; else "$here/node-down.sh" --if-up; fi
 stopped=()
 for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   file="$pids/$name.pid"

@@ -3,6 +3,10 @@
 # kube-controller-manager, kube-scheduler and kwok, with certificates and
 # service-account keys generated on first use. Writes target/cluster/kubeconfig
 # and one PID file per process so down.sh stops exactly what this started.
+# The API server is ready for a real kubelet too (node-up.sh): Node authorization
+# and NodeRestriction for the node's credentials, a client certificate towards
+# kubelets (kubectl logs/exec) and kubelets reached by their InternalIP (the default
+# order tries the Hostname first, a DNS lookup of the node name on the host).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -28,27 +32,9 @@ fi
 "$here/down.sh" --quiet || true
 mkdir -p "$pki" "$pids" "$logs"
 
-# --- certificates and keys (kept across runs; a fresh cluster reuses them) ---
-if [[ ! -f "$pki/admin.crt" ]]; then
-  echo "Generating a CA, serving and client certificates, service-account keys"
-  (
-    cd "$pki"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.crt \
-      -subj "/CN=shoal-local-ca" 2>/dev/null
-    sign() { # name subject extensions
-      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-        -out "$1.crt" -extfile <(printf '%s\n' "$3") 2>/dev/null
-      rm -f "$1.csr"
-    }
-    sign apiserver "/CN=kube-apiserver" \
-      "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
-extendedKeyUsage=serverAuth"
-    sign admin "/O=system:masters/CN=shoal-admin" "extendedKeyUsage=clientAuth"
-    openssl genrsa -out service-account.key 2048 2>/dev/null
-    openssl rsa -in service-account.key -pubout -out service-account.pub 2>/dev/null
-  )
-fi
+# --- certificates and keys (kept across runs; a fresh cluster reuses them; a
+# missing one, e.g. one added since pki/ was made, is generated) ---
+"$here/pki.sh"
 
 cat >"$kubeconfig" <<KUBECONFIG
 apiVersion: v1
@@ -101,7 +87,11 @@ start kube-apiserver "$bin/kube-apiserver" \
   --service-account-key-file "$pki/service-account.pub" \
   --service-account-signing-key-file "$pki/service-account.key" \
   --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true \
-  --authorization-mode RBAC --endpoint-reconciler-type none --profiling=false
+  --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+  --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
+  --kubelet-client-key "$pki/apiserver-kubelet-client.key" \
+  --kubelet-preferred-address-types InternalIP \
+  --endpoint-reconciler-type none --profiling=false
 wait_for "kube-apiserver /readyz" 120 kubectl get --raw /readyz
 
 for name in kube-controller-manager kube-scheduler; do
