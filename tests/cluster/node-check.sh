@@ -136,6 +136,13 @@ if outside=$(in_pod nslookup example.com); then
 fi
 step "    DNS: example.com does not resolve in a pod ($(grep -m1 -o "can't find.*" <<<"$outside"))"
 
+# ... and a pod reaches the host only where the node serves pods (DNS, the API
+# forwarder): the kubelet listens on $node_ip:10250, and node-up's guard drops that.
+if guard=$(in_pod timeout 4 nc -w 3 "$node_ip" 10250 </dev/null); then
+  fail "a pod connected to the kubelet on $node_ip:10250; node-up's guard (mangle $guard_chain-IN) is missing: $guard"
+fi
+step "    guard: a pod cannot connect to $node_ip:10250 (the kubelet)"
+
 # (c) pod -> the API server through the kubernetes Service, by its DNS name
 api_url=https://kubernetes.default.svc/api
 anon=$(in_pod timeout 10 wget -qO- --no-check-certificate "$api_url" || true)

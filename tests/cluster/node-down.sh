@@ -106,12 +106,12 @@ for dir in /sys/fs/cgroup/*/shoal-node; do
 done
 
 # kube-proxy's rules (and the kubelet's few chains), then ours.
-if iptables-save 2>/dev/null | grep -q '^:KUBE-' || ip6tables-save 2>/dev/null | grep -q '^:KUBE-'; then
+if iptables-save 2>/dev/null | grep '^:KUBE-' >/dev/null || ip6tables-save 2>/dev/null | grep '^:KUBE-' >/dev/null; then
   "$bin/kube-proxy" --cleanup >"$logs/kube-proxy-cleanup.log" 2>&1 || true
   for cmd in iptables ip6tables; do
     for table in mangle nat filter; do
       for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
-        $cmd -t $table -S 2>/dev/null | grep -q -- "^-N $chain\$" || continue
+        $cmd -t $table -S 2>/dev/null | grep -- "^-N $chain\$" >/dev/null || continue
         $cmd -t $table -S 2>/dev/null | grep -- "-j $chain\$" | sed 's/^-A/-D/' \
           | while read -r rule; do eval "$cmd -t $table $rule" 2>/dev/null; done
         $cmd -t $table -F $chain 2>/dev/null; $cmd -t $table -X $chain 2>/dev/null
@@ -149,8 +149,11 @@ rm -f /var/lib/cni/results/"$cni_network"-* 2>/dev/null
 for link in /var/log/containers/*.log; do
   [[ -L $link && $(readlink "$link") == "$pod_logs"/* ]] && rm -f "$link"
 done
-[[ -f $node_dir/created-var-log-containers ]] && rmdir /var/log/containers 2>/dev/null
-rm -f "$node_dir/created-var-log-containers"
+# The host directories node-up found missing (children listed first), if empty.
+if [[ -f $node_dir/created-dirs ]]; then
+  while read -r dir; do rmdir "$dir" 2>/dev/null; done <"$node_dir/created-dirs"
+  rm -f "$node_dir/created-dirs"
+fi
 
 # Host settings back as they were before node-up.
 if [[ -f $node_dir/sysctls ]]; then

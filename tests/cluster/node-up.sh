@@ -86,7 +86,13 @@ mkdir -p "$logs" "$pids" "$conf/cni" "$run" "$containerd_root" "$containerd_stat
 for key in "${sysctls[@]}"; do
   [[ -f /proc/sys/$key ]] && echo "$key=$(cat "/proc/sys/$key")" >>"$node_dir/sysctls"
 done
-[[ -d /var/log/containers ]] || touch "$node_dir/created-var-log-containers"
+# Host directories the kubelet (links to pod logs), libcni (its result cache) and the
+# shims (their sockets, containerd 1.6 puts them in /run/containerd/s) create when
+# missing: node-down removes those that were not there, once empty.
+: >"$node_dir/created-dirs"
+for dir in /var/log/containers /var/lib/cni/results /var/lib/cni /run/containerd/s /run/containerd; do
+  [[ -e $dir ]] || echo "$dir" >>"$node_dir/created-dirs"
+done
 
 # --- network: the bridge, forwarding and a guard ---
 step "network: bridge $bridge $node_ip/24, pod CIDR $pod_cidr"
@@ -239,7 +245,7 @@ for tar in "${tars[@]}"; do
   names=$(sed -n 's/^unpacking \(.*\) (sha256:.*/\1/p' <<<"$out" | tr '\n' ' ')
   step "images: imported $(basename "$tar"): ${names:-$out}"
 done
-if ! ctr images ls -q | grep -qxF "$pause_image"; then
+if ! ctr images ls -q | grep -xF "$pause_image" >/dev/null; then
   step "warning: no $pause_image image (target/images/pause-amd64.tar from 'make images'): pods cannot start"
 fi
 
