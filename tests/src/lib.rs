@@ -8,6 +8,7 @@
 //! [`fleet`].
 
 pub mod fleet;
+pub mod real_node;
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
@@ -53,7 +54,8 @@ pub fn kubeconfig_path() -> PathBuf {
     }
 }
 
-fn workspace_dir() -> PathBuf {
+/// The workspace root (the directory of the root Cargo.toml).
+pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ lives inside the workspace")
@@ -849,6 +851,12 @@ pub struct TestCertificate {
 /// Makes a [`TestCertificate`] in `dir` with the `openssl` command (`make deps`
 /// installs it).
 pub fn serving_certificate(dir: &Path) -> anyhow::Result<TestCertificate> {
+    certificate_for(dir, "IP:127.0.0.1,DNS:localhost")
+}
+
+/// A [`TestCertificate`] in `dir` whose serving certificate names `subject_alt_names`
+/// (openssl syntax: `IP:10.0.0.200,DNS:shoal-operator.shoal-system.svc`).
+pub fn certificate_for(dir: &Path, subject_alt_names: &str) -> anyhow::Result<TestCertificate> {
     let openssl = |args: &[&str]| -> anyhow::Result<()> {
         let output = std::process::Command::new("openssl")
             .args(args)
@@ -893,7 +901,7 @@ pub fn serving_certificate(dir: &Path) -> anyhow::Result<TestCertificate> {
     ])?;
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        format!("subjectAltName={subject_alt_names}\nextendedKeyUsage=serverAuth\n"),
     )?;
     openssl(&[
         "x509",
@@ -1112,9 +1120,15 @@ pub fn tiny_onnx_model_padded(scale: f32, padding_bytes: usize) -> Vec<u8> {
 /// [`start_control_plane_process`] can start it again exactly as `up.sh` did. etcd
 /// keeps its data directory: the cluster's objects survive.
 pub async fn stop_control_plane_process(name: &str) -> anyhow::Result<Vec<String>> {
-    let pid_file = workspace_dir()
-        .join("target/cluster/pids")
-        .join(format!("{name}.pid"));
+    stop_recorded_process(&workspace_dir().join("target/cluster"), name).await
+}
+
+/// Stops the process whose PID `<state>/pids/<name>.pid` records (SIGTERM, SIGKILL
+/// after 5 s) and returns its command line, for [`start_recorded_process`]. The
+/// local control plane (`target/cluster`) and the real node (`target/node`) keep
+/// their PID files and logs this way.
+pub async fn stop_recorded_process(state: &Path, name: &str) -> anyhow::Result<Vec<String>> {
+    let pid_file = state.join("pids").join(format!("{name}.pid"));
     let pid: u32 = std::fs::read_to_string(&pid_file)
         .with_context(|| format!("reading {}", pid_file.display()))?
         .trim()
@@ -1169,8 +1183,14 @@ fn process_runs(pid: u32) -> bool {
 /// same command line, its output appended to its log, and records its new PID so
 /// that `tests/cluster/down.sh` stops it.
 pub fn start_control_plane_process(name: &str, args: &[String]) -> anyhow::Result<()> {
+    start_recorded_process(&workspace_dir().join("target/cluster"), name, args)
+}
+
+/// Starts a process stopped by [`stop_recorded_process`] again with `args`, its
+/// output appended to `<state>/logs/<name>.log`, and records its new PID in
+/// `<state>/pids/<name>.pid` so that the scripts that stop it find it.
+pub fn start_recorded_process(state: &Path, name: &str, args: &[String]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt as _;
-    let state = workspace_dir().join("target/cluster");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
