@@ -50,8 +50,10 @@ if ((running == ${#all[@]})) && node_ready; then
   echo "Node $node_name is already up (kubectl get node $node_name; stop it: make node-down)"
   exit 0
 fi
-# Half up (a crash, an interrupted run): start from a clean host.
-if ((running > 0)) || [[ -d $pids && -n $(ls -A "$pids" 2>/dev/null) ]] || ip link show "$bridge" &>/dev/null; then
+# Half up (a crash, an interrupted run): start from a clean host, with the host
+# settings put back before they are recorded again.
+if ((running > 0)) || [[ -d $pids && -n $(ls -A "$pids" 2>/dev/null) ]] || [[ -f $node_dir/sysctls ]] \
+  || ip link show "$bridge" &>/dev/null; then
   step "cleaning up what a previous node-up left"
   "$here/node-down.sh" --quiet
 fi
