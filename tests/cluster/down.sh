@@ -14,7 +14,11 @@ for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   # Only signal the PID if it still runs the program we started (PIDs get reused).
   if kill -0 "$pid" 2>/dev/null && grep -qa "$name" "/proc/$pid/cmdline" 2>/dev/null; then
     kill "$pid"
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # Gone, or a zombie: this machine's init reaps orphans only every ~2 s.
+    for _ in $(seq 50); do
+      kill -0 "$pid" 2>/dev/null && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] || break
+      sleep 0.1
+    done
     kill -9 "$pid" 2>/dev/null || true
     stopped+=("$name")
   fi
