@@ -8,6 +8,7 @@ pub mod control_plane;
 pub mod engine;
 pub mod metrics;
 pub mod oip;
+pub mod prepare_cache;
 pub mod registry;
 pub mod server;
 pub mod signature;

@@ -3,6 +3,8 @@
 //! up before the server listens. Managed mode (`--control-plane URL --node NAME
 //! --cache-dir DIR`) serves what the operator assigns to the node, starting from
 //! the cached last-known-good assignment so it serves even while offline.
+//! `shoal-agent prepare-cache --dir DIR --owner UID:GID` is the agent DaemonSet's
+//! init container: it gives the hostPath cache directory to the agent's user.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,12 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 
 use shoal_agent::cache::Cache;
 use shoal_agent::control_plane::ControlPlane;
 use shoal_agent::metrics::Metrics;
+use shoal_agent::prepare_cache::{self, Owner, Prepared};
 use shoal_agent::registry::ModelRegistry;
 use shoal_agent::server::{self, AppState, Limits};
 use shoal_agent::sync::Syncer;
@@ -24,9 +27,16 @@ use shoal_agent::sync::Syncer;
 #[command(
     name = "shoal-agent",
     version,
-    about = "Serves ONNX models over the Open Inference Protocol v2"
+    about = "Serves ONNX models over the Open Inference Protocol v2",
+    // `prepare-cache` takes none of the serving flags, and needs neither --model
+    // nor --control-plane.
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// A model to serve from a local file: NAME=PATH, or NAME:VERSION=PATH
     /// (version "1" when not given). Repeat for more models.
     #[arg(
@@ -122,6 +132,23 @@ struct Args {
     log_format: LogFormat,
 }
 
+/// Commands other than serving (which is what runs without one).
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates the cache directory if missing and makes UID:GID its owner (that
+    /// directory only, not its content), then exits. The agent DaemonSet runs it
+    /// in an init container as uid 0 with only the CHOWN capability, because the
+    /// kubelet creates a hostPath directory as root and the agent runs as 65532.
+    PrepareCache {
+        /// The cache directory, as mounted in the container.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Numeric owner to give it, for example 65532:65532.
+        #[arg(long, value_name = "UID:GID")]
+        owner: Owner,
+    },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -170,6 +197,9 @@ fn init_tracing(format: LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_format);
+    if let Some(Command::PrepareCache { dir, owner }) = &args.command {
+        return prepare_cache_dir(dir, *owner);
+    }
 
     let workers = match args.workers {
         Some(0) => bail!("--workers must be at least 1"),
@@ -248,6 +278,18 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn prepare_cache_dir(dir: &std::path::Path, owner: Owner) -> anyhow::Result<()> {
+    match prepare_cache::prepare(dir, owner)? {
+        Prepared::AlreadyOwned => {
+            tracing::info!(dir = %dir.display(), %owner, "cache directory already owned")
+        }
+        Prepared::Chowned { from } => {
+            tracing::info!(dir = %dir.display(), %from, to = %owner, "cache directory owner changed")
+        }
+    }
     Ok(())
 }
 
@@ -332,6 +374,62 @@ mod tests {
         assert!(parse_model_arg("magika").is_err());
         assert!(parse_model_arg("=m.onnx").is_err());
         assert!(parse_model_arg("a/b=m.onnx").is_err());
+    }
+
+    #[test]
+    fn both_serving_modes_and_prepare_cache_parse() {
+        let standalone =
+            Args::try_parse_from(["shoal-agent", "--model", "m=m.onnx"]).expect("standalone");
+        assert!(standalone.command.is_none());
+        assert_eq!(standalone.models.len(), 1);
+        let managed = Args::try_parse_from([
+            "shoal-agent",
+            "--control-plane",
+            "https://shoal:8443",
+            "--node",
+            "n1",
+            "--cache-dir",
+            "/var/cache/shoal",
+        ])
+        .expect("managed");
+        assert!(managed.command.is_none());
+        assert_eq!(managed.node.as_deref(), Some("n1"));
+        // What the DaemonSet's init container runs: no --model, no --control-plane.
+        let prepare = Args::try_parse_from([
+            "shoal-agent",
+            "prepare-cache",
+            "--dir",
+            "/var/cache/shoal",
+            "--owner",
+            "65532:65532",
+        ])
+        .expect("prepare-cache");
+        match prepare.command {
+            Some(Command::PrepareCache { dir, owner }) => {
+                assert_eq!(dir, PathBuf::from("/var/cache/shoal"));
+                assert_eq!((owner.uid, owner.gid), (65532, 65532));
+            }
+            None => panic!("prepare-cache parsed as serving"),
+        }
+        assert!(
+            Args::try_parse_from(["shoal-agent"]).is_err(),
+            "serving needs a mode"
+        );
+        assert!(
+            Args::try_parse_from(["shoal-agent", "prepare-cache", "--dir", "/c"]).is_err(),
+            "--owner is required"
+        );
+        assert!(
+            Args::try_parse_from([
+                "shoal-agent",
+                "prepare-cache",
+                "--dir",
+                "/c",
+                "--owner",
+                "nonroot"
+            ])
+            .is_err()
+        );
     }
 
     #[test]
