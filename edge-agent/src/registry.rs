@@ -3,6 +3,7 @@
 //! atomically; requests already holding the old version finish on it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -16,6 +17,9 @@ pub struct ModelRegistry {
     /// Every version being loaded, serving, or that failed to load, for reports.
     statuses: Mutex<BTreeMap<(String, String), VersionStatus>>,
     metrics: Arc<Metrics>,
+    /// The agent's assignment (the operator's, or the cached last-known-good one)
+    /// names no model: serving nothing is then the right state, not a failure.
+    nothing_assigned: AtomicBool,
 }
 
 impl ModelRegistry {
@@ -24,6 +28,7 @@ impl ModelRegistry {
             serving: RwLock::new(BTreeMap::new()),
             statuses: Mutex::new(BTreeMap::new()),
             metrics,
+            nothing_assigned: AtomicBool::new(false),
         }
     }
 
@@ -135,6 +140,23 @@ impl ModelRegistry {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty()
+    }
+
+    /// Records whether the assignment the agent follows names no model (managed
+    /// mode sets it from each assignment it applies and from the cached one).
+    pub fn set_nothing_assigned(&self, nothing: bool) {
+        self.nothing_assigned.store(nothing, Ordering::Relaxed);
+    }
+
+    /// Whether the agent is ready to take requests: it serves a model, or it
+    /// knows it has none to serve. The second half keeps the pod of a pool that no
+    /// rollout has reached yet Ready (else the pool and its DaemonSet would look
+    /// broken and `kubectl rollout status` would never finish); an agent that does
+    /// not know yet (no assignment from the operator and none cached) or whose
+    /// assigned models all failed to load is not ready. A model that serves keeps
+    /// the agent ready whatever happens to the operator.
+    pub fn ready(&self) -> bool {
+        self.any_serving() || self.nothing_assigned.load(Ordering::Relaxed)
     }
 
     pub fn statuses(&self) -> Vec<VersionStatus> {
@@ -292,6 +314,23 @@ mod tests {
         assert!(registry.names().is_empty());
         assert!(registry.statuses().is_empty());
         assert!(!registry.any_serving());
+    }
+
+    #[test]
+    fn ready_when_serving_or_when_nothing_is_assigned() {
+        let registry = ModelRegistry::new(Arc::new(Metrics::new()));
+        assert!(!registry.ready(), "no assignment known yet");
+        registry.set_nothing_assigned(true);
+        assert!(registry.ready(), "nothing to serve is not a failure");
+        registry.set_nothing_assigned(false);
+        assert!(!registry.ready(), "assigned but not loaded yet");
+        let v1 = registry
+            .load_version("add", "1", &add_model(1.0))
+            .expect("v1 loads");
+        registry.swap(v1);
+        assert!(registry.ready());
+        registry.retire("add");
+        assert!(!registry.ready());
     }
 
     #[test]

@@ -239,9 +239,11 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({ "live": true }))
 }
 
-/// Ready once a model serves: before that every inference would fail.
+/// Ready once a model serves, or when the agent knows it has none to serve (see
+/// [`ModelRegistry::ready`]); the agent DaemonSet's readiness probe. Before that
+/// every inference would fail.
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.registry.any_serving() {
+    if state.registry.ready() {
         Json(json!({ "ready": true })).into_response()
     } else {
         (

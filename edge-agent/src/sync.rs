@@ -57,6 +57,10 @@ impl Syncer {
         let Some(assignment) = self.cache.last_known_good() else {
             return 0;
         };
+        // A node that had nothing assigned at its last sync is ready with nothing,
+        // also while the operator is out of reach.
+        self.registry
+            .set_nothing_assigned(assignment.models.is_empty());
         let mut serving = 0;
         for model in &assignment.models {
             match self.cache.read_artifact(&model.artifact_digest) {
@@ -83,6 +87,11 @@ impl Syncer {
     /// Makes the served models equal `assignment`. Returns true when every
     /// assigned model serves at its assigned version.
     pub async fn apply(&self, assignment: &Assignment) -> bool {
+        // Before anything loads or retires, so readiness never dips on the way to
+        // an empty assignment; a new non-empty one keeps the agent ready only
+        // while some model still serves.
+        self.registry
+            .set_nothing_assigned(assignment.models.is_empty());
         let mut complete = true;
         for model in &assignment.models {
             let serving = self.registry.get(&model.name);
@@ -232,5 +241,74 @@ impl Syncer {
                 tracing::debug!(%error, "report not delivered; the next one carries the same cumulative counters");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// A syncer on a cache in `dir`; its control plane is a closed local port and
+    /// is never called by these tests.
+    fn syncer(dir: &std::path::Path) -> Syncer {
+        let registry = Arc::new(ModelRegistry::new(Arc::new(Metrics::new())));
+        let cache = Cache::open(dir).expect("cache opens");
+        let control_plane =
+            ControlPlane::new("http://127.0.0.1:9", "n1", None, None).expect("client");
+        Syncer::new(
+            registry,
+            cache,
+            control_plane,
+            "n1",
+            "2025-01-01T00:00:00Z".into(),
+            1 << 20,
+        )
+    }
+
+    fn empty() -> Assignment {
+        Assignment {
+            node: "n1".into(),
+            models: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_with_nothing_assigned_is_ready_from_the_cache_and_after_a_sync() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let first = syncer(temp.path());
+        assert!(!first.registry.ready(), "no assignment known yet");
+        assert!(first.apply(&empty()).await);
+        assert!(first.registry.ready());
+        first.cache.save_last_known_good(&empty()).expect("saved");
+
+        // Restarted while the operator is unreachable: the cached empty
+        // assignment alone makes it ready.
+        let restarted = syncer(temp.path());
+        assert_eq!(restarted.serve_last_known_good().await, 0);
+        assert!(restarted.registry.ready());
+    }
+
+    #[tokio::test]
+    async fn an_agent_whose_cached_models_cannot_serve_is_not_ready() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let cached = Assignment {
+            node: "n1".into(),
+            models: vec![AssignedModel {
+                name: "ranker".into(),
+                version: "1".into(),
+                artifact_digest: format!("sha256:{}", "0".repeat(64)),
+                artifact_bytes: 10,
+                download_path: "/v1/artifacts/x".into(),
+            }],
+        };
+        let syncer = syncer(temp.path());
+        syncer.cache.save_last_known_good(&cached).expect("saved");
+        // The artifact is missing from the cache: nothing serves.
+        assert_eq!(syncer.serve_last_known_good().await, 0);
+        assert!(!syncer.registry.ready());
+        // The operator then assigns nothing: ready.
+        assert!(syncer.apply(&empty()).await);
+        assert!(syncer.registry.ready());
     }
 }
