@@ -151,8 +151,8 @@ chart-check: build cluster-up test-models
 	tests/chart/check.sh
 
 ## test: everything CI runs; starts the local control plane and stops it after
-test: deps lint crds-check unit-test fuzz-smoke
-	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test chart-check
+test: deps lint crds-check unit-test fuzz-smoke images-check
+	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test chart-check node-check
 
 ## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
 demo: deps build test-models example-model
