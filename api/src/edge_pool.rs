@@ -96,6 +96,18 @@ pub struct AgentSettings {
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
 
+    /// Also publish the agent's port on this port of each selected node's own
+    /// address (the container's hostPort), for store devices outside the cluster
+    /// such as tills, kiosks and scanners, which cannot reach the pool's Service.
+    /// It binds on every node the pool selects: pick a port nothing else on those
+    /// nodes uses (an agent whose node has it taken stays Pending), and note that
+    /// anything that can reach a node's address can then call its agent. Needs the
+    /// CNI portmap plugin on the nodes. 1 to 65535; unset (the default) publishes
+    /// nothing on the nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub host_port: Option<i32>,
+
     /// Disk the agent may use for model artifacts and its last-known-good
     /// assignment, a Kubernetes quantity such as 2Gi. Default 2Gi.
     #[serde(
@@ -179,6 +191,14 @@ pub struct EdgePoolStatus {
     /// Name of the DaemonSet that runs the pool's agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon_set: Option<String>,
+
+    /// Name of the Service in front of the pool's agents (ClusterIP, with
+    /// internalTrafficPolicy Local, so an app that calls it is answered by the
+    /// agent of its own node). Unset when the pool's name cannot name a Service:
+    /// shoal-agent-<pool> must be a DNS label, so a pool name with dots or longer
+    /// than 51 characters gets no Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
 
     /// How many agents serve each model version, one entry per model and version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -172,6 +172,25 @@ fn every_field_has_explain_text() {
     }
 }
 
+/// `kubectl explain edgepool.spec.agent.hostPort` must say what binding a port
+/// on the nodes costs before anyone sets it.
+#[test]
+fn host_port_explain_text_warns_about_every_node() {
+    let crd = crds()
+        .into_iter()
+        .find(|crd| crd.spec.names.kind == "EdgePool")
+        .expect("EdgePool CRD");
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("json");
+    let text = at(&schema["openAPIV3Schema"], "spec.agent.hostPort")["description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for needed in ["every node the pool selects", "stays Pending", "1 to 65535"] {
+        assert!(text.contains(needed), "{needed:?} missing from: {text}");
+    }
+    assert!(!text.contains('\n'), "explain text is unwrapped: {text}");
+}
+
 #[test]
 fn crds_are_namespaced_with_status_names_and_columns() {
     let expect = [
@@ -311,6 +330,10 @@ fn defaults_are_in_the_schema() {
         true
     );
     assert!(at(&pool, "spec.agent.image").get("default").is_none());
+    assert!(
+        at(&pool, "spec.agent.hostPort").get("default").is_none(),
+        "no port is bound on the nodes unless asked for"
+    );
     let rollout = schema_of::<ModelRollout>();
     assert_eq!(at(&rollout, "spec.maxUnavailable")["default"], "25%");
     assert_eq!(
@@ -380,6 +403,12 @@ fn bounds_are_in_the_schema() {
     let port = at(&pool, "spec.agent.port");
     assert_eq!(
         (port["minimum"].as_f64(), port["maximum"].as_f64()),
+        (Some(1.0), Some(65535.0))
+    );
+    let host_port = at(&pool, "spec.agent.hostPort");
+    assert_eq!(host_port["type"], "integer");
+    assert_eq!(
+        (host_port["minimum"].as_f64(), host_port["maximum"].as_f64()),
         (Some(1.0), Some(65535.0))
     );
     let rollout = schema_of::<ModelRollout>();
@@ -755,6 +784,11 @@ fn manifests_round_trip() {
     assert_eq!(status.versions[0].inputs[0].shape, [-1, 64]);
     let pool: EdgePool = round_trip(EDGEPOOL);
     assert_eq!(pool.spec.agent.port_or_default(), 9000);
+    assert_eq!(pool.spec.agent.host_port, Some(9000));
+    assert_eq!(
+        pool.status.as_ref().and_then(|s| s.service_name.as_deref()),
+        Some("shoal-agent-store-eu")
+    );
     assert_eq!(pool.status.map(|s| s.agents_ready), Some(118));
     let rollout: ModelRollout = round_trip(MODELROLLOUT);
     assert_eq!(rollout.spec.steps.len(), 6);
@@ -796,6 +830,7 @@ fn omitted_fields_take_their_defaults() {
 
     let agent: AgentSettings = serde_json::from_value(json!({})).expect("empty agent");
     assert_eq!(agent.port, Some(8000));
+    assert_eq!(agent.host_port, None);
     assert_eq!(agent.cache_size_or_default().0, "2Gi");
     assert_eq!(AgentSettings::default().port_or_default(), 8000);
     assert_eq!(AgentSettings::default().cache_size_or_default().0, "2Gi");
