@@ -1,5 +1,5 @@
-//! The EdgePool controller: server-side applies one agent DaemonSet per pool and
-//! reports how many nodes the pool selects, how many agents are ready or stale, and
+//! The EdgePool controller: server-side applies one agent DaemonSet (with its
+//! ServiceAccount, CA ConfigMap and Service) per pool and reports how many nodes the pool selects, how many agents are ready or stale, and
 //! which model versions they serve (from the agents' reports).
 //!
 //! At fleet scale a pool reconciles every few seconds (report summaries, DaemonSet
@@ -16,7 +16,7 @@ use crate::context::{Context, FIELD_MANAGER};
 use crate::edge_pool_daemonset::{self, UnsupportedSelector};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
@@ -101,7 +101,7 @@ pub fn needs_apply(last: Option<&(String, Instant)>, digest: &str, now: Instant)
 /// When to write `new` over `old`: None when nothing changed, `Some(ZERO)` for now,
 /// else how long to wait. Counts alone wait [`COUNTS_WRITE_INTERVAL`] after the
 /// last write; the Ready condition's status or reason, observedGeneration and the
-/// DaemonSet name go out at once.
+/// DaemonSet and Service names go out at once.
 pub fn status_write_delay(
     old: Option<&EdgePoolStatus>,
     new: &EdgePoolStatus,
@@ -123,7 +123,8 @@ pub fn status_write_delay(
     };
     let significant = ready(old) != ready(new)
         || old.observed_generation != new.observed_generation
-        || old.daemon_set != new.daemon_set;
+        || old.daemon_set != new.daemon_set
+        || old.service_name != new.service_name;
     let since = last_write.map(|at| now.saturating_duration_since(at));
     match since {
         Some(since) if !significant && since < COUNTS_WRITE_INTERVAL => {
@@ -277,7 +278,13 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
         .control_plane_ca
         .as_ref()
         .map(|ca| edge_pool_daemonset::build_ca_config_map(pool, ca));
-    let digest = objects_digest(&account, ca_config_map.as_ref(), &daemon_set);
+    let service = edge_pool_daemonset::build_service(pool);
+    let digest = objects_digest(
+        &account,
+        ca_config_map.as_ref(),
+        &daemon_set,
+        service.as_ref(),
+    );
     let watched = ObjectRef::<DaemonSet>::new(&ds_name).within(&namespace);
     let watched = pool_ctx.daemon_sets.get(&watched);
     let mut ds_status = watched.as_ref().and_then(|ds| ds.status.clone());
@@ -285,12 +292,19 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
     let seen = format!("{digest} {}", watched.as_deref().map_or(0, generation));
     // A DaemonSet deleted by hand comes back at once, not at the next resync.
     if watched.is_none() || needs_apply(pool_ctx.applied.last(&key).as_ref(), &seen, now) {
+        if service.is_none() {
+            tracing::warn!(
+                pool = %key,
+                "the pool's name cannot name a Service (shoal-agent-<pool> must be a DNS label of at most 63 characters, no dots); its agents run without one: recreate the pool under a shorter name without dots to get one"
+            );
+        }
         let applied = apply_agent_objects(
             ctx,
             &namespace,
             &account,
             ca_config_map.as_ref(),
             &daemon_set,
+            service.as_ref(),
         )
         .await?;
         pool_ctx
@@ -318,9 +332,11 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
     };
     let timestamp = k8s_openapi::jiff::Timestamp::now();
     let agents = pool_ctx.fleet.pool_summary(&namespace, &name, timestamp);
+    let service_name = service.as_ref().and_then(|s| s.metadata.name.as_deref());
     let status = pool_status(
         pool,
         &ds_name,
+        service_name,
         node_count,
         ds_status.as_ref(),
         agents.as_ref(),
@@ -339,13 +355,17 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
 }
 
 /// Server-side applies a pool's agent ServiceAccount, CA ConfigMap (when the agent
-/// API has a private CA) and DaemonSet; returns the DaemonSet as applied.
+/// API has a private CA), DaemonSet and Service (when the pool's name can name
+/// one); returns the DaemonSet as applied. The Service goes last: the agents serve
+/// their nodes without it, so a Service the API server refuses does not keep
+/// them from being updated.
 async fn apply_agent_objects(
     ctx: &Context,
     namespace: &str,
     account: &ServiceAccount,
     ca_config_map: Option<&ConfigMap>,
     daemon_set: &DaemonSet,
+    service: Option<&Service>,
 ) -> Result<DaemonSet, Error> {
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
@@ -359,9 +379,16 @@ async fn apply_agent_objects(
             .await?;
     }
     let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), namespace);
-    Ok(daemon_sets
+    let applied = daemon_sets
         .patch(&daemon_set.name_any(), &apply, &Patch::Apply(daemon_set))
-        .await?)
+        .await?;
+    if let Some(service) = service {
+        let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+        services
+            .patch(&service.name_any(), &apply, &Patch::Apply(service))
+            .await?;
+    }
+    Ok(applied)
 }
 
 /// A digest of the agent objects applied for a pool.
@@ -369,12 +396,14 @@ fn objects_digest(
     account: &ServiceAccount,
     ca_config_map: Option<&ConfigMap>,
     daemon_set: &DaemonSet,
+    service: Option<&Service>,
 ) -> String {
     let mut hasher = Sha256::new();
     for part in [
         serde_json::to_vec(account),
         serde_json::to_vec(&ca_config_map),
         serde_json::to_vec(daemon_set),
+        serde_json::to_vec(&service),
     ] {
         hasher.update(part.unwrap_or_default());
         hasher.update([0]);
@@ -389,6 +418,7 @@ fn objects_digest(
 pub fn pool_status(
     pool: &EdgePool,
     daemon_set: &str,
+    service: Option<&str>,
     nodes: usize,
     ds_status: Option<&DaemonSetStatus>,
     agents: Option<&PoolAgents>,
@@ -404,6 +434,7 @@ pub fn pool_status(
     status.nodes = i32::try_from(nodes).unwrap_or(i32::MAX);
     status.agents_ready = ready;
     status.daemon_set = Some(daemon_set.to_string());
+    status.service_name = service.map(str::to_string);
     status.observed_generation = pool.metadata.generation;
     let (condition_status, reason, message) = if nodes == 0 {
         (
@@ -514,6 +545,7 @@ mod tests {
         let status = pool_status(
             &pool(),
             "shoal-agent-stores",
+            Some("shoal-agent-stores"),
             3,
             Some(&ds(3, 3)),
             None,
@@ -521,6 +553,7 @@ mod tests {
         );
         assert_eq!((status.nodes, status.agents_ready), (3, 3));
         assert_eq!(status.daemon_set.as_deref(), Some("shoal-agent-stores"));
+        assert_eq!(status.service_name.as_deref(), Some("shoal-agent-stores"));
         assert_eq!(status.observed_generation, Some(2));
         assert_eq!(ready_condition(&status), ("True", "AgentsReady"));
     }
@@ -530,6 +563,7 @@ mod tests {
         let status = pool_status(
             &pool(),
             "ds",
+            Some("shoal-agent-stores"),
             3,
             Some(&ds(1, 3)),
             None,
@@ -539,6 +573,7 @@ mod tests {
         let status = pool_status(
             &pool(),
             "ds",
+            Some("shoal-agent-stores"),
             3,
             None,
             None,
@@ -569,14 +604,30 @@ mod tests {
             }],
         };
         let now = || Time(k8s_openapi::jiff::Timestamp::now());
-        let status = pool_status(&reported, "ds", 3, Some(&ds(3, 3)), Some(&agents), now());
+        let status = pool_status(
+            &reported,
+            "ds",
+            Some("shoal-agent-stores"),
+            3,
+            Some(&ds(3, 3)),
+            Some(&agents),
+            now(),
+        );
         assert_eq!(status.agents_stale, 1);
         assert_eq!(status.versions, agents.versions);
         assert_eq!(
             status.agents_ready, 3,
             "agentsReady stays the DaemonSet's count"
         );
-        let kept = pool_status(&reported, "ds", 3, Some(&ds(3, 3)), None, now());
+        let kept = pool_status(
+            &reported,
+            "ds",
+            Some("shoal-agent-stores"),
+            3,
+            Some(&ds(3, 3)),
+            None,
+            now(),
+        );
         assert_eq!(kept.agents_stale, 4);
         assert_eq!(kept.versions[0].version, "1");
     }
@@ -586,6 +637,7 @@ mod tests {
         let status = pool_status(
             &pool(),
             "ds",
+            Some("shoal-agent-stores"),
             0,
             Some(&ds(0, 0)),
             None,
@@ -621,6 +673,32 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_service_changes_the_digest_so_it_is_applied_again() {
+        let pool = pool();
+        let defaults = edge_pool_daemonset::AgentDefaults {
+            control_plane_url: "https://shoal:8443".into(),
+            control_plane_ca: None,
+        };
+        let daemon_set = edge_pool_daemonset::build_daemon_set(&pool, &defaults).expect("builds");
+        let account = edge_pool_daemonset::build_service_account(&pool);
+        let service = edge_pool_daemonset::build_service(&pool).expect("a Service");
+        let digest =
+            |service: Option<&Service>| objects_digest(&account, None, &daemon_set, service);
+        assert_eq!(digest(Some(&service)), digest(Some(&service)));
+        let mut other_port = service.clone();
+        if let Some(port) = other_port
+            .spec
+            .as_mut()
+            .and_then(|s| s.ports.as_mut())
+            .and_then(|p| p.first_mut())
+        {
+            port.port = 9001;
+        }
+        assert_ne!(digest(Some(&service)), digest(Some(&other_port)));
+        assert_ne!(digest(Some(&service)), digest(None));
+    }
+
+    #[test]
     fn write_memo_forgets_pools_not_written_for_a_long_time() {
         let memo = WriteMemo::default();
         let now = Instant::now();
@@ -642,7 +720,15 @@ mod tests {
     #[test]
     fn count_changes_are_coalesced_but_condition_changes_are_written_at_once() {
         let at = Time(k8s_openapi::jiff::Timestamp::now());
-        let written = pool_status(&pool(), "ds", 3, Some(&ds(3, 3)), None, at.clone());
+        let written = pool_status(
+            &pool(),
+            "ds",
+            Some("shoal-agent-stores"),
+            3,
+            Some(&ds(3, 3)),
+            None,
+            at.clone(),
+        );
         let now = Instant::now();
         let just_now = Some(now - Duration::from_secs(2));
         let long_ago = Some(now - COUNTS_WRITE_INTERVAL);
@@ -678,14 +764,37 @@ mod tests {
             "after a restart nothing was written yet"
         );
 
-        let not_ready = pool_status(&pool(), "ds", 3, Some(&ds(1, 3)), None, at.clone());
+        let not_ready = pool_status(
+            &pool(),
+            "ds",
+            Some("shoal-agent-stores"),
+            3,
+            Some(&ds(1, 3)),
+            None,
+            at.clone(),
+        );
         assert_eq!(
             status_write_delay(Some(&written), &not_ready, just_now, now),
             Some(Duration::ZERO)
         );
+        let no_service = pool_status(&pool(), "ds", None, 3, Some(&ds(3, 3)), None, at.clone());
+        assert_eq!(no_service.service_name, None);
+        assert_eq!(
+            status_write_delay(Some(&written), &no_service, just_now, now),
+            Some(Duration::ZERO),
+            "the Service name goes out at once"
+        );
         let mut new_generation = pool();
         new_generation.metadata.generation = Some(3);
-        let regenerated = pool_status(&new_generation, "ds", 3, Some(&ds(3, 3)), None, at);
+        let regenerated = pool_status(
+            &new_generation,
+            "ds",
+            Some("shoal-agent-stores"),
+            3,
+            Some(&ds(3, 3)),
+            None,
+            at,
+        );
         assert_eq!(
             status_write_delay(Some(&written), &regenerated, just_now, now),
             Some(Duration::ZERO)

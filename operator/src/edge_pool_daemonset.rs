@@ -1,6 +1,7 @@
-//! Builds the agent DaemonSet of an EdgePool: one `shoal-agent` pod per node the
-//! pool selects. Pure: the same pool and settings always give the same object,
-//! which the EdgePool controller then server-side applies.
+//! Builds the agent objects of an EdgePool: the DaemonSet that runs one
+//! `shoal-agent` pod per node the pool selects, its ServiceAccount, CA ConfigMap and
+//! Service. Pure: the same pool and settings always give the same objects, which
+//! the EdgePool controller then server-side applies.
 
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
@@ -9,8 +10,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     EnvVarSource, HTTPGetAction, HostPathVolumeSource, NodeAffinity, NodeSelector,
     NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, SecurityContext, ServiceAccount,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -25,6 +26,21 @@ pub const POOL_LABEL: &str = "shoal.dev/pool";
 pub const AGENT_TOKEN_AUDIENCE: &str = "shoal";
 const TOKEN_DIR: &str = "/var/run/secrets/shoal";
 const CACHE_DIR: &str = "/var/cache/shoal";
+/// The uid and gid the agent runs as: distroless's `nonroot`, the image's USER.
+pub const AGENT_UID: i64 = 65532;
+/// Name of the agent container's serving port (inference and /metrics), which the
+/// Service targets.
+const PORT_NAME: &str = "inference";
+
+/// The startup probe checks every `STARTUP_PERIOD_SECONDS` and gives up after
+/// `STARTUP_FAILURES` misses: 5 minutes. The agent's HTTP server listens only
+/// once the models of its cached last-known-good assignment are loaded and warmed
+/// up, which for a few large models on a small edge CPU takes minutes; until then
+/// every probe finds the port closed. Until this probe passes, the liveness
+/// probe does not run, so a slow load is not killed half-way into a restart loop;
+/// once it passes, liveness catches a hung agent within 30 s as before.
+const STARTUP_PERIOD_SECONDS: i32 = 5;
+const STARTUP_FAILURES: i32 = 60;
 
 /// Where agents find the operator; from operator flags.
 #[derive(Clone, Debug)]
@@ -102,6 +118,66 @@ fn agent_labels(pool_name: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The labels that select a pool's agent pods: the DaemonSet's selector and the
+/// Service's. A subset of [`agent_labels`], and never changed, because a
+/// DaemonSet's selector is immutable.
+fn selector_labels(pool_name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "shoal-agent".to_string(),
+        ),
+        (POOL_LABEL.to_string(), pool_name.to_string()),
+    ])
+}
+
+/// The name of a pool's Service, `shoal-agent-<pool>` like its DaemonSet, when
+/// that is a valid Service name (a DNS-1035 label of at most 63 characters). A
+/// pool's name may be a DNS subdomain (dots, up to 253 characters), so for some
+/// pools there is none; they keep their agents, and get no Service.
+pub fn service_name(pool_name: &str) -> Option<String> {
+    let name = daemon_set_name(pool_name);
+    let valid = name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.ends_with('-');
+    valid.then_some(name)
+}
+
+/// The Service in front of a pool's agents, owned by the pool; None when the
+/// pool's name cannot name one (see [`service_name`]). `internalTrafficPolicy:
+/// Local` sends an app's request to the agent on the app's own node, which serves
+/// from its own cache and keeps working while the WAN is down; an app on a node
+/// without a ready agent gets no answer rather than one from another store.
+pub fn build_service(pool: &EdgePool) -> Option<Service> {
+    let pool_name = pool.name_any();
+    let name = service_name(&pool_name)?;
+    Some(Service {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: pool.namespace(),
+            labels: Some(agent_labels(&pool_name)),
+            owner_references: Some(pool.controller_owner_ref(&()).into_iter().collect()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            internal_traffic_policy: Some("Local".into()),
+            selector: Some(selector_labels(&pool_name)),
+            ports: Some(vec![ServicePort {
+                name: Some(PORT_NAME.into()),
+                port: pool.spec.agent.port_or_default(),
+                target_port: Some(IntOrString::String(PORT_NAME.into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 /// Why a pool's selector cannot become a pod's node placement.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error(
@@ -121,13 +197,6 @@ pub fn build_daemon_set(
     let agent = &pool.spec.agent;
     let port = agent.port_or_default();
     let labels = agent_labels(&pool_name);
-    let selector_labels = BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            "shoal-agent".to_string(),
-        ),
-        (POOL_LABEL.to_string(), pool_name.clone()),
-    ]);
     let (node_selector, affinity) = node_placement(&pool.spec.node_selector)?;
 
     let mut env = vec![EnvVar {
@@ -188,12 +257,20 @@ pub fn build_daemon_set(
         args: Some(args),
         env: Some(env),
         ports: Some(vec![ContainerPort {
-            name: Some("inference".into()),
+            name: Some(PORT_NAME.into()),
             container_port: port,
+            host_port: agent.host_port,
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
         resources: agent.resources.clone(),
+        // Live, not ready: an agent with an empty cache whose operator is out of
+        // reach is rightly not ready, and must not be restarted for that.
+        startup_probe: Some(Probe {
+            period_seconds: Some(STARTUP_PERIOD_SECONDS),
+            failure_threshold: Some(STARTUP_FAILURES),
+            ..http_probe("/v2/health/live", port)
+        }),
         readiness_probe: Some(http_probe("/v2/health/ready", port)),
         liveness_probe: Some(http_probe("/v2/health/live", port)),
         volume_mounts: Some(volume_mounts),
@@ -204,6 +281,43 @@ pub fn build_daemon_set(
             capabilities: Some(Capabilities {
                 drop: Some(vec!["ALL".into()]),
                 ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    // The kubelet creates the hostPath below as root:root 0755 and fsGroup does
+    // not apply to hostPath, so the agent could not write its cache: this gives
+    // that one directory to the agent's user first, as root with CHOWN alone
+    // (root owns the directory, so neither FOWNER nor DAC_OVERRIDE is needed).
+    // Same image: nothing else to pull or trust. Same resources as the agent, so
+    // the pod's requests stay the same and a quota that wants limits accepts it.
+    let prepare_cache = Container {
+        name: "prepare-cache".into(),
+        image: Some(agent.image_or_default()),
+        image_pull_policy: agent.image_pull_policy.clone(),
+        args: Some(vec![
+            "prepare-cache".into(),
+            "--dir".into(),
+            CACHE_DIR.into(),
+            "--owner".into(),
+            format!("{AGENT_UID}:{AGENT_UID}"),
+        ]),
+        resources: agent.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "model-cache".into(),
+            mount_path: CACHE_DIR.into(),
+            ..Default::default()
+        }]),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: Some(vec!["CHOWN".into()]),
             }),
             ..Default::default()
         }),
@@ -264,7 +378,7 @@ pub fn build_daemon_set(
         },
         spec: Some(DaemonSetSpec {
             selector: LabelSelector {
-                match_labels: Some(selector_labels),
+                match_labels: Some(selector_labels(&pool_name)),
                 ..Default::default()
             },
             update_strategy: Some(DaemonSetUpdateStrategy {
@@ -285,13 +399,14 @@ pub fn build_daemon_set(
                     node_selector,
                     affinity,
                     tolerations: Some(pool.spec.tolerations.clone()),
+                    init_containers: Some(vec![prepare_cache]),
                     containers: vec![container],
                     volumes: Some(volumes),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        fs_group: Some(65532),
+                        run_as_user: Some(AGENT_UID),
+                        run_as_group: Some(AGENT_UID),
+                        fs_group: Some(AGENT_UID),
                         ..Default::default()
                     }),
                     ..Default::default()
@@ -557,6 +672,180 @@ spec:
         let ds = build_daemon_set(&pool, &defaults()).expect("builds");
         let pod = ds.spec.and_then(|s| s.template.spec).expect("pod spec");
         assert_eq!(pod.service_account_name, account.metadata.name);
+    }
+
+    fn pod_spec(pool: &EdgePool) -> PodSpec {
+        build_daemon_set(pool, &defaults())
+            .expect("builds")
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn an_init_container_gives_the_cache_to_the_agent_with_chown_alone() {
+        let pod = pod_spec(&pool(STORES));
+        let init = pod.init_containers.as_ref().expect("init containers");
+        assert_eq!(init.len(), 1);
+        let prepare = &init[0];
+        let agent = &pod.containers[0];
+        assert_eq!(
+            prepare.image, agent.image,
+            "same image, nothing else to pull"
+        );
+        assert_eq!(
+            prepare.args.as_deref().expect("args"),
+            [
+                "prepare-cache",
+                "--dir",
+                "/var/cache/shoal",
+                "--owner",
+                "65532:65532"
+            ]
+        );
+        // The directory it prepares is the one the agent uses.
+        let cache_mount = |c: &Container| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "model-cache")
+                .map(|m| m.mount_path.clone())
+        };
+        assert_eq!(cache_mount(prepare).as_deref(), Some("/var/cache/shoal"));
+        assert_eq!(cache_mount(prepare), cache_mount(agent));
+        assert!(
+            agent
+                .args
+                .as_ref()
+                .expect("args")
+                .windows(2)
+                .any(|w| w == ["--cache-dir", "/var/cache/shoal"])
+        );
+        let root = prepare.security_context.as_ref().expect("security context");
+        assert_eq!(
+            (root.run_as_user, root.run_as_non_root),
+            (Some(0), Some(false))
+        );
+        assert_eq!(root.allow_privilege_escalation, Some(false));
+        assert_eq!(root.read_only_root_filesystem, Some(true));
+        let caps = root.capabilities.as_ref().expect("capabilities");
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(caps.add.as_deref(), Some(&["CHOWN".to_string()][..]));
+
+        // The agent itself stays non-root with no capability at all.
+        let agent_security = agent.security_context.as_ref().expect("security context");
+        assert_eq!(agent_security.run_as_non_root, Some(true));
+        assert_eq!(agent_security.run_as_user, None, "the pod's 65532");
+        let caps = agent_security.capabilities.as_ref().expect("capabilities");
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(caps.add, None);
+        let pod_security = pod.security_context.as_ref().expect("pod security");
+        assert_eq!(pod_security.run_as_user, Some(AGENT_UID));
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+    }
+
+    #[test]
+    fn a_slow_load_from_the_cache_gets_five_minutes_before_liveness_counts() {
+        let pod = pod_spec(&pool(STORES));
+        let agent = &pod.containers[0];
+        let path = |probe: &Probe| {
+            probe
+                .http_get
+                .as_ref()
+                .and_then(|g| g.path.clone())
+                .unwrap_or_default()
+        };
+        let startup = agent.startup_probe.as_ref().expect("startup probe");
+        assert_eq!(path(startup), "/v2/health/live");
+        let budget = startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3);
+        assert!(budget >= 300, "{budget} s to load");
+        assert_eq!(
+            startup.http_get.as_ref().map(|g| g.port.clone()),
+            Some(IntOrString::Int(9000))
+        );
+        let liveness = agent.liveness_probe.as_ref().expect("liveness probe");
+        assert_eq!(path(liveness), "/v2/health/live");
+        let detection =
+            liveness.period_seconds.unwrap_or(10) * liveness.failure_threshold.unwrap_or(3);
+        assert!(detection <= 60, "a hung agent is restarted within a minute");
+        let readiness = agent.readiness_probe.as_ref().expect("readiness probe");
+        assert_eq!(path(readiness), "/v2/health/ready");
+    }
+
+    #[test]
+    fn a_host_port_is_bound_only_when_asked_for() {
+        let pod = pod_spec(&pool(STORES));
+        let port = &pod.containers[0].ports.as_ref().expect("ports")[0];
+        assert_eq!(port.host_port, None);
+        let with_host_port = pool(&STORES.replace("port: 9000", "port: 9000\n    hostPort: 9100"));
+        assert_eq!(with_host_port.spec.agent.host_port, Some(9100));
+        let pod = pod_spec(&with_host_port);
+        let port = &pod.containers[0].ports.as_ref().expect("ports")[0];
+        assert_eq!((port.container_port, port.host_port), (9000, Some(9100)));
+    }
+
+    #[test]
+    fn the_service_selects_the_pools_agents_on_the_callers_node() {
+        let pool = pool(STORES);
+        let service = build_service(&pool).expect("a Service");
+        assert_eq!(service.metadata.name.as_deref(), Some("shoal-agent-stores"));
+        assert_eq!(service.metadata.namespace.as_deref(), Some("retail"));
+        let owner = &service.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("EdgePool", "stores", Some(true))
+        );
+        let spec = service.spec.as_ref().expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Local"));
+
+        let ds = build_daemon_set(&pool, &defaults()).expect("builds");
+        let ds_spec = ds.spec.as_ref().expect("spec");
+        assert_eq!(spec.selector, ds_spec.selector.match_labels);
+        let pod_labels = ds_spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .expect("labels");
+        for (key, value) in spec.selector.iter().flatten() {
+            assert_eq!(pod_labels.get(key), Some(value), "pods carry {key}");
+        }
+
+        let ports = spec.ports.as_ref().expect("ports");
+        let container_ports = ds_spec.template.spec.as_ref().expect("pod").containers[0]
+            .ports
+            .clone()
+            .expect("container ports");
+        assert_eq!(ports.len(), container_ports.len(), "every serving port");
+        assert_eq!(ports[0].name.as_deref(), Some("inference"));
+        assert_eq!(ports[0].port, 9000);
+        assert_eq!(
+            ports[0].target_port,
+            Some(IntOrString::String("inference".into()))
+        );
+        assert_eq!(
+            container_ports[0].name, ports[0].name,
+            "targetPort names the container port"
+        );
+    }
+
+    #[test]
+    fn a_pool_name_that_cannot_name_a_service_gets_none() {
+        assert_eq!(
+            service_name("stores").as_deref(),
+            Some("shoal-agent-stores")
+        );
+        assert_eq!(service_name(&"a".repeat(51)).map(|n| n.len()), Some(63));
+        assert_eq!(service_name(&"a".repeat(52)), None, "longer than 63");
+        assert_eq!(service_name("store.eu"), None, "dots");
+        let mut dotted = pool(STORES);
+        dotted.metadata.name = Some("store.eu".into());
+        assert!(build_service(&dotted).is_none());
+        assert!(
+            build_daemon_set(&dotted, &defaults()).is_ok(),
+            "the agents still run"
+        );
     }
 
     #[test]
