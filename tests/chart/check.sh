@@ -79,6 +79,7 @@ who="system:serviceaccount:$release_ns:$sa"
 echo "ServiceAccount $who"
 for check in "yes get configmaps -n $flow_ns" "yes create tokenreviews.authentication.k8s.io" \
   "yes patch daemonsets.apps -n $flow_ns" "yes create events.events.k8s.io -n $flow_ns" \
+  "yes create services -n $flow_ns" "yes patch services -n $flow_ns" "no delete services -n $flow_ns" \
   "yes list nodes" "no list secrets -A" "no get secrets -n $release_ns" "no delete nodes" \
   "no create deployments.apps -n $flow_ns" "no delete models.shoal.dev -n $flow_ns" \
   "no list configmaps -A" "no create pods -n $flow_ns" "no update leases.coordination.k8s.io -n $flow_ns"; do

@@ -80,7 +80,7 @@ in watchNamespace otherwise. Every verb here is one the operator's code calls.
 - apiGroups: ["shoal.dev"]
   resources: ["models/status", "edgepools/status", "modelrollouts/status"]
   verbs: ["patch"]
-# The agent DaemonSet and ServiceAccount carry an EdgePool controller ownerReference with blockOwnerDeletion (OwnerReferencesPermissionEnforcement checks this).
+# The agent DaemonSet, ServiceAccount and Service carry an EdgePool controller ownerReference with blockOwnerDeletion (OwnerReferencesPermissionEnforcement checks this).
 - apiGroups: ["shoal.dev"]
   resources: ["edgepools/finalizers"]
   verbs: ["update"]
@@ -101,6 +101,10 @@ in watchNamespace otherwise. Every verb here is one the operator's code calls.
 # One agent ServiceAccount shoal-agent-<pool> per EdgePool, server-side applied (create + patch); its projected token has audience shoal.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
+  verbs: ["create", "patch"]
+# One agent Service shoal-agent-<pool> per EdgePool (internalTrafficPolicy Local), server-side applied (create + patch); the garbage collector deletes it with its pool.
+- apiGroups: [""]
+  resources: ["services"]
   verbs: ["create", "patch"]
 # Kubernetes Events on ModelRollout transitions (the recorder creates an Event, then patches a repeated one's series).
 - apiGroups: ["events.k8s.io"]
