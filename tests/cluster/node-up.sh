@@ -241,7 +241,15 @@ shopt -u nullglob
 if ((${#tars[@]} == 0)); then
   step "images: no *.tar in $images_dir (make images builds them)"
 fi
+# make images writes <name>-<arch>.tar for amd64 and arm64 under one reference: only
+# this node's architecture is imported (ctr refuses the other, and importing it would
+# move the reference to an image this node cannot run), as a k3s images folder holds
+# only its node's architecture.
+case $(uname -m) in x86_64) arch=amd64 ;; aarch64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
 for tar in "${tars[@]}"; do
+  case $(basename "$tar" .tar) in
+    *-amd64 | *-arm64) [[ $(basename "$tar" .tar) == *-$arch ]] || { step "images: skipped $(basename "$tar") (not $arch)"; continue; } ;;
+  esac
   out=$(ctr images import "$tar" 2>&1) \
     || { echo "$out" >&2; fail containerd "ctr images import $tar failed"; }
   names=$(sed -n 's/^unpacking \(.*\) (sha256:.*/\1/p' <<<"$out" | tr '\n' ' ')
