@@ -1247,27 +1247,35 @@ pub fn start_recorded_process(state: &Path, name: &str, args: &[String]) -> anyh
 mod tests {
     use super::*;
 
-    fn ephemeral_range() -> (u16, u16) {
-        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-        let mut bounds = text.split_whitespace().map(|n| n.parse().unwrap());
-        (bounds.next().unwrap(), bounds.next().unwrap())
+    fn ephemeral_range() -> anyhow::Result<(u16, u16)> {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+        let bounds: Vec<u16> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        match bounds[..] {
+            [low, high] => Ok((low, high)),
+            _ => bail!("cannot parse ip_local_port_range: {text:?}"),
+        }
     }
 
     // A port in the kernel's ephemeral range can be taken by any outgoing connection
     // (the operator's own calls to the API server) between the moment the harness picks
     // it and the moment a process binds it: "Address already in use" in CI.
     #[test]
-    fn free_ports_lie_outside_the_ephemeral_range_and_are_never_handed_out_twice() {
-        let (low, high) = ephemeral_range();
+    fn free_ports_lie_outside_the_ephemeral_range_and_are_never_handed_out_twice()
+    -> anyhow::Result<()> {
+        let (low, high) = ephemeral_range()?;
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..200 {
-            let port = free_port().unwrap();
+            let port = free_port()?;
             assert!(
                 !(low..=high).contains(&port),
                 "port {port} is inside the ephemeral range {low}-{high}"
             );
             assert!(seen.insert(port), "port {port} was handed out twice");
-            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+            std::net::TcpListener::bind(("127.0.0.1", port))?;
         }
+        Ok(())
     }
 }
