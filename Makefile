@@ -152,7 +152,7 @@ chart-check: build cluster-up test-models
 
 ## test: everything CI runs; starts the local control plane and stops it after
 test: deps lint crds-check unit-test fuzz-smoke images-check
-	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test chart-check node-check
+	@trap 'tests/cluster/down.sh' EXIT; $(MAKE) --no-print-directory integration-test chart-check node-check node-test
 
 ## demo: control plane, CRDs, operator, a real model and an EdgePool, end to end
 demo: deps build test-models example-model
@@ -249,28 +249,40 @@ operator-image = $(IMAGE_TOOL) build $(IMAGE_COMMON) --arch $(1) --output $(IMAG
   --label "org.opencontainers.image.description=Shoal operator: ships, compresses and rolls out ML models to fleets of edge Kubernetes nodes"
 PAUSE_VERSION := 3.10.1
 PAUSE_MODULE := k8s.io/kubernetes@v1.34.4
+# The kubelet's pause image: pause.c of the Kubernetes module, static with musl-gcc.
+define pause-image
+@mkdir -p $(IMAGE_DIR)/pause
+@src="$$(go env GOMODCACHE)/$(PAUSE_MODULE)/build/pause/linux/pause.c"; \
+  [[ -f $$src ]] || go mod download $(PAUSE_MODULE); \
+  echo "musl-gcc -Os -static $$src -o $(IMAGE_DIR)/pause/pause"; \
+  musl-gcc -Os -Wall -Werror -static -s -DVERSION=v$(PAUSE_VERSION) -o $(IMAGE_DIR)/pause/pause "$$src"
+$(IMAGE_TOOL) build --source-date-epoch $(IMAGE_EPOCH) --arch amd64 --output $(IMAGE_DIR)/pause-amd64.tar \
+  --reference localhost/shoal/pause:$(PAUSE_VERSION) --binary $(IMAGE_DIR)/pause/pause=/pause \
+  --user 65535:65535 --entrypoint /pause
+endef
 IMAGE_ARCHIVES = $(foreach arch,amd64 arm64,$(IMAGE_DIR)/shoal-agent-$(arch).tar $(IMAGE_DIR)/shoal-operator-$(arch).tar) \
   $(IMAGE_DIR)/pause-amd64.tar
 
-.PHONY: images images-check docker-images
+.PHONY: images node-images images-check docker-images
 ## images: target/images/shoal-{agent,operator}-{amd64,arm64}.tar and pause-amd64.tar (OCI archives, no Docker needed)
 images: deps
 	cargo build --locked -p shoal-oci-image --bin shoal-oci-image
 	$(call musl-build,amd64)
 	$(call musl-build,arm64)
-	@mkdir -p $(IMAGE_DIR)/pause
-	@src="$$(go env GOMODCACHE)/$(PAUSE_MODULE)/build/pause/linux/pause.c"; \
-	  [[ -f $$src ]] || go mod download $(PAUSE_MODULE); \
-	  echo "musl-gcc -Os -static $$src -o $(IMAGE_DIR)/pause/pause"; \
-	  musl-gcc -Os -Wall -Werror -static -s -DVERSION=v$(PAUSE_VERSION) -o $(IMAGE_DIR)/pause/pause "$$src"
+	$(pause-image)
 	$(call agent-image,amd64)
 	$(call agent-image,arm64)
 	$(call operator-image,amd64)
 	$(call operator-image,arm64)
-	$(IMAGE_TOOL) build --source-date-epoch $(IMAGE_EPOCH) --arch amd64 --output $(IMAGE_DIR)/pause-amd64.tar \
-	  --reference localhost/shoal/pause:$(PAUSE_VERSION) --binary $(IMAGE_DIR)/pause/pause=/pause \
-	  --user 65535:65535 --entrypoint /pause
 	@echo; $(IMAGE_TOOL) inspect $(IMAGE_ARCHIVES)
+
+## node-images: only what the real node needs for make demo: the amd64 agent and pause images
+node-images: deps
+	cargo build --locked -p shoal-oci-image --bin shoal-oci-image
+	$(call musl-build,amd64)
+	$(pause-image)
+	$(call agent-image,amd64)
+	@echo; $(IMAGE_TOOL) inspect $(IMAGE_DIR)/shoal-agent-amd64.tar $(IMAGE_DIR)/pause-amd64.tar
 
 ## images-check: the archives' configs, static binaries, both agents serving a real model (arm64 under qemu), containerd import
 images-check: images test-models
