@@ -6,7 +6,10 @@
 # EdgePool, starts a real shoal-agent for each store node (each with its own
 # pod-bound token), rolls version 1.0 out, sends traffic, rolls 2.0 out step by
 # step with a live view, then rolls out a deliberately broken 3.0 that the
-# canary analysis catches and rolls back.
+# canary analysis catches and rolls back. Where the machine allows it (root, amd64,
+# SHOAL_DEMO_REAL_NODE not 0), one more store is a real node: a kubelet with
+# containerd (tests/cluster/node-up.sh) that runs the agent as a pod from its image,
+# reached through the pool's Service; elsewhere the demo says why it skips it.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -21,8 +24,28 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 export PATH="$bin:$PATH"
 stores=(store-berlin store-lyon store-milan store-porto)
 
+# The real node needs root (network namespaces, a bridge, iptables, containerd) and
+# an amd64 host (the local node's pause image is built for amd64).
+real_node_blocker=""
+if [[ ${SHOAL_DEMO_REAL_NODE:-1} == 0 ]]; then real_node_blocker="SHOAL_DEMO_REAL_NODE=0"
+elif (($(id -u) != 0)); then real_node_blocker="it needs root (bridge, iptables, containerd); run make demo as root"
+elif [[ $(uname -m) != x86_64 ]]; then real_node_blocker="the local real node is built for amd64 hosts, this is $(uname -m)"
+fi
+# The agent API listens where the real node's pods reach the host: its bridge.
+if [[ -z $real_node_blocker ]]; then agent_api=10.244.0.1:18443; else agent_api=127.0.0.1:18443; fi
+
 step "1/10 Local control plane (kube-apiserver, etcd, controller-manager, scheduler, kwok)"
 tests/cluster/up.sh
+if [[ -z $real_node_blocker ]]; then
+  echo "A real node too: kubelet + containerd + runc, the agent's image built here (a static"
+  echo "musl release build: several minutes the first time) and imported as k3s imports air-gap images."
+  make --no-print-directory node-deps node-images
+  tests/cluster/node-up.sh
+  # It is one more store: the stores pool selects it, the kubelet runs its agent pod.
+  kubectl label node shoal-node-0 shoal.dev/site=store --overwrite
+else
+  echo "No real node in this demo: $real_node_blocker. Every agent runs as a process."
+fi
 
 step "2/10 Shoal's CRDs"
 kubectl apply --server-side --force-conflicts --field-manager shoal-demo -f crds/shoal.dev.yaml
@@ -53,9 +76,21 @@ stop_pid "$demo/operator.pid"; stop_pid "$demo/model-server.pid"; stop_pid "$dem
 for pid_file in "$demo"/agent-*.pid; do stop_pid "$pid_file"; done
 kubectl delete namespace shoal-demo --ignore-not-found --wait=true >/dev/null
 kubectl create namespace shoal-demo
-rm -rf "$demo/artifacts" "$demo/agents"
+rm -rf "$demo/artifacts" "$demo/agents" "$demo/tls"
+# The agent API serves HTTPS with a certificate of the demo's own CA: agents send it
+# their tokens, and the operator refuses plain HTTP anywhere but on loopback. The
+# operator hands the CA to the pool's agent pods (--agent-api-ca).
+mkdir -p "$demo/tls"
+openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=shoal-demo-ca \
+  -keyout "$demo/tls/ca.key" -out "$demo/tls/ca.crt" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=shoal-agent-api \
+  -keyout "$demo/tls/agent-api.key" -out "$demo/tls/agent-api.csr" 2>/dev/null
+openssl x509 -req -in "$demo/tls/agent-api.csr" -CA "$demo/tls/ca.crt" -CAkey "$demo/tls/ca.key" \
+  -CAcreateserial -days 30 -out "$demo/tls/agent-api.crt" 2>/dev/null \
+  -extfile <(printf 'subjectAltName=IP:127.0.0.1,IP:10.244.0.1\nextendedKeyUsage=serverAuth\n')
 setsid "$bin/shoal-operator" run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
-  --metrics-addr 127.0.0.1:18080 --agent-api-addr 127.0.0.1:18443 --agent-api-url http://127.0.0.1:18443 \
+  --metrics-addr 127.0.0.1:18080 --agent-api-addr "$agent_api" --agent-api-url "https://$agent_api" \
+  --tls-cert "$demo/tls/agent-api.crt" --tls-key "$demo/tls/agent-api.key" --agent-api-ca "$demo/tls/ca.crt" \
   --agent-stale-after 30s >"$demo/operator.log" 2>&1 </dev/null &
 echo $! >"$demo/operator.pid"
 # The models' HTTP source: a plain file server on loopback, as an object store would be.
@@ -104,7 +139,7 @@ for node in "${stores[@]}"; do
   mkdir -p "$demo/agents/$node"
   kubectl -n shoal-demo create token shoal-agent-stores --audience shoal --duration 1h \
     --bound-object-kind Pod --bound-object-name "$pod" >"$demo/agents/$node/token"
-  setsid "$bin/shoal-agent" --control-plane http://127.0.0.1:18443 --node "$node" \
+  setsid "$bin/shoal-agent" --control-plane "https://$agent_api" --control-plane-ca "$demo/tls/ca.crt" --node "$node" \
     --cache-dir "$demo/agents/$node/cache" --token-file "$demo/agents/$node/token" \
     --listen "127.0.0.1:$port" --report-seconds 2 >"$demo/agent-$node.log" 2>&1 </dev/null &
   echo $! >"$demo/agent-$node.pid"
@@ -112,6 +147,18 @@ for node in "${stores[@]}"; do
   echo "agent for $node: http://127.0.0.1:$port (log: target/demo/agent-$node.log)"
   port=$((port + 1))
 done
+if [[ -z $real_node_blocker ]]; then
+  # The kubelet runs this one from the image; clients on the node reach it through
+  # the pool's Service (internalTrafficPolicy Local: the node's own agent).
+  echo "waiting for the agent pod on the real node shoal-node-0"
+  kubectl -n shoal-demo wait pod -l shoal.dev/pool=stores --field-selector spec.nodeName=shoal-node-0 \
+    --for condition=Ready --timeout 180s \
+    || { kubectl -n shoal-demo describe pods --selector shoal.dev/pool=stores | tail -30; exit 1; }
+  service_ip=$(kubectl -n shoal-demo get service shoal-agent-stores -o jsonpath='{.spec.clusterIP}')
+  agent_urls+=("http://$service_ip:8000")
+  echo "agent pod on shoal-node-0: $(kubectl -n shoal-demo get pods -l shoal.dev/pool=stores \
+    --field-selector spec.nodeName=shoal-node-0 -o jsonpath='{.items[0].metadata.name}'), through its Service: http://$service_ip:8000"
+fi
 kubectl apply -f examples/quickstart/rollout.yaml
 wait_phase() { # phase timeout-seconds
   local deadline=$((SECONDS + $2))
@@ -177,6 +224,7 @@ tail -3 "$demo/traffic.log"
 cat <<DONE
 
 Summary
+  Agents: ${#agent_urls[@]} (${#stores[@]} processes beside kwok nodes$(if [[ -z $real_node_blocker ]]; then echo ", 1 pod on the real node shoal-node-0"; else echo "; no real node: $real_node_blocker"; fi)).
   1.0: int8-compressed ($(kubectl -n shoal-demo get model product-recommender -o jsonpath='{.status.versions[0].compressionRatio}')x smaller), gated, on every store agent at once (first rollout).
   2.0: 25% -> pause -> analysis -> 50% -> pause -> analysis -> 100% in ${v2_seconds}s, traffic flowing.
   3.0: broken; the canary's error rate failed the analysis and every agent served 2.0

@@ -15,6 +15,9 @@ pod_cidr=10.244.0.0/24
 service_cidr=10.0.0.0/24    # up.sh's --service-cluster-ip-range
 api_port=${SHOAL_APISERVER_PORT:-16443}   # up.sh's API server port (127.0.0.1 only)
 dns_ready_port=${SHOAL_NODE_DNS_READY_PORT:-18181}   # CoreDNS's ready plugin, 127.0.0.1
+# TCP ports on the bridge address that pods may reach besides DNS and the API server:
+# the agent API of an operator run on the host (make demo's 18443).
+host_ports=${SHOAL_NODE_HOST_PORTS:-18443}
 kubelet_healthz_port=${SHOAL_KUBELET_HEALTHZ_PORT:-10248}
 proxy_healthz_port=${SHOAL_PROXY_HEALTHZ_PORT:-10256}
 proxy_metrics_port=${SHOAL_PROXY_METRICS_PORT:-10249}

@@ -124,7 +124,7 @@ iptables -t mangle -I POSTROUTING -m comment --comment "shoal node guard" -j "$g
 iptables -t mangle -N "$guard_chain-IN"
 iptables -t mangle -A "$guard_chain-IN" -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN
 iptables -t mangle -A "$guard_chain-IN" -d "$node_ip" -p udp --dport 53 -j RETURN
-iptables -t mangle -A "$guard_chain-IN" -d "$node_ip" -p tcp -m multiport --dports "53,$api_port" -j RETURN
+iptables -t mangle -A "$guard_chain-IN" -d "$node_ip" -p tcp -m multiport --dports "53,$api_port,$host_ports" -j RETURN
 iptables -t mangle -A "$guard_chain-IN" -d "$node_ip" -p icmp -j RETURN
 iptables -t mangle -A "$guard_chain-IN" -j DROP
 iptables -t mangle -I INPUT -i "$bridge" -m comment --comment "shoal node guard" -j "$guard_chain-IN"
