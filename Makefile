@@ -163,7 +163,7 @@ clean: cluster-down
 
 ## demo-down: stop the demo's traffic, agents, operator and model server, then the control plane
 demo-down:
-	-@for p in target/demo/traffic.pid target/demo/operator.pid target/demo/model-server.pid target/demo/agent-*.pid; do [[ -f $$p ]] && kill $$(cat $$p) 2>/dev/null; rm -f $$p; done
+	-@for p in target/demo/traffic.pid target/demo/operator.pid target/demo/model-server.pid target/demo/agent-*.pid; do if [[ -f $$p ]]; then kill $$(cat $$p) 2>/dev/null || true; rm -f $$p; fi; done
 	tests/cluster/down.sh
 
 # The Python peer of the benchmark: KServe's ModelServer with onnxruntime, cached by version.
