@@ -135,12 +135,13 @@ export SHOAL_TEST_MAGIKA_ONNX := $(SHOAL_CACHE)/models/magika-1.0.3/model.onnx
 export SHOAL_TEST_PPOCR_CLS_ONNX := $(SHOAL_CACHE)/models/rapidocr-onnxruntime-1.4.4/ch_ppocr_mobile_v2.0_cls_infer.onnx
 export SHOAL_OPERATOR_BIN := $(CARGO_TARGET_DIR)/debug/shoal-operator
 export SHOAL_AGENT_BIN := $(CARGO_TARGET_DIR)/debug/shoal-agent
-# The agents-keep-serving test holds the control plane down this long (DESIGN §9: 60 s).
+# The agents-keep-serving test holds the control plane down this long (60 s, the offline time Shoal targets).
 export SHOAL_E2E_OFFLINE_SECONDS ?= 60
 
 ## unit-test: everything that needs no cluster (unit tests, api/'s schema tests)
 unit-test: test-models python-env example-model
 	cargo test --workspace --exclude shoal-tests
+	cargo test -p shoal-tests --lib
 
 ## integration-test: tests against the local control plane (started if needed)
 integration-test: build cluster-up test-models
@@ -163,7 +164,8 @@ clean: cluster-down
 
 ## demo-down: stop the demo's traffic, agents, operator and model server, then the control plane
 demo-down:
-	-@for p in target/demo/traffic.pid target/demo/operator.pid target/demo/model-server.pid target/demo/agent-*.pid; do if [[ -f $$p ]]; then kill $$(cat $$p) 2>/dev/null || true; rm -f $$p; fi; done
+	@echo "Stopping the demo's processes"
+	@examples/demo-stop.sh target/demo
 	tests/cluster/down.sh
 
 # The Python peer of the benchmark: KServe's ModelServer with onnxruntime, cached by version.

@@ -2,7 +2,7 @@
 
     python3 table.py RESULTS.jsonl FACTS.json
 
-Reports, never judges: the DESIGN.md §9 targets are shown next to the numbers.
+Reports, never judges: the footprint and latency targets are shown next to the numbers.
 """
 
 import json

@@ -71,9 +71,7 @@ done
 
 step "4/10 shoal-operator (logs: target/demo/operator.log)"
 mkdir -p "$demo"
-stop_pid() { if [[ -f $1 ]]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; fi; }
-stop_pid "$demo/operator.pid"; stop_pid "$demo/model-server.pid"; stop_pid "$demo/traffic.pid"
-for pid_file in "$demo"/agent-*.pid; do stop_pid "$pid_file"; done
+examples/demo-stop.sh "$demo"
 kubectl delete namespace shoal-demo --ignore-not-found --wait=true >/dev/null
 kubectl create namespace shoal-demo
 rm -rf "$demo/artifacts" "$demo/agents" "$demo/tls"

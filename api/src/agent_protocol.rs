@@ -1,5 +1,5 @@
 //! The agent wire protocol (HTTP/JSON under `/agent/v1`), shared by the operator
-//! that serves it and the edge agents that dial home. Types only; see DESIGN.md §4.
+//! that serves it and the edge agents that dial home. Types only; docs/agent-protocol.md describes it.
 //!
 //! - `GET  /agent/v1/nodes/{node}/assignment?waitSeconds=N` with `If-None-Match`:
 //!   long-poll for the [`Assignment`]; `304 Not Modified` when nothing changed.
@@ -15,6 +15,15 @@ use serde::{Deserialize, Serialize};
 pub const PREFIX: &str = "/agent/v1";
 /// The audience of the projected service-account token agents present.
 pub const TOKEN_AUDIENCE: &str = "shoal";
+
+/// A pool's agents run as the ServiceAccount `shoal-agent-<pool>` (their DaemonSet
+/// has the same name); the operator recognises an agent's token by it.
+pub const AGENT_ACCOUNT_PREFIX: &str = "shoal-agent-";
+
+/// The name of a pool's agent ServiceAccount and DaemonSet: `shoal-agent-<pool>`.
+pub fn agent_account_name(pool: &str) -> String {
+    format!("{AGENT_ACCOUNT_PREFIX}{pool}")
+}
 /// Longest long-poll wait the operator grants, in seconds.
 pub const MAX_WAIT_SECONDS: u64 = 60;
 /// Largest report body the operator accepts, in bytes; larger ones get 413.

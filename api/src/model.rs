@@ -376,8 +376,8 @@ pub struct TensorSpec {
     /// Tensor name as in the ONNX graph.
     pub name: String,
 
-    /// Open Inference Protocol datatype: BOOL, UINT8, INT8, INT16, INT32, INT64, FP16,
-    /// FP32, FP64 or BYTES.
+    /// Open Inference Protocol datatype: BOOL, UINT8, UINT16, UINT32, UINT64, INT8,
+    /// INT16, INT32, INT64, FP16, FP32 or FP64 (agents serve no string tensors).
     pub datatype: String,
 
     /// Dimensions; -1 marks a dynamic one (such as the batch size). Empty for a scalar.

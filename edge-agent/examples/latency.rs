@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use shoal_agent::engine::LoadedModel;
 use shoal_agent::oip::InferRequest;
-use shoal_agent::validation::validate;
+use shoal_agent::validation::{DEFAULT_MAX_BATCH, ShapeLimits, validate};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -48,7 +48,11 @@ fn main() -> anyhow::Result<()> {
     );
 
     let request: InferRequest = serde_json::from_slice(&body)?;
-    let valid = validate(&model.signature, request)?;
+    let valid = validate(
+        &model.signature,
+        request,
+        ShapeLimits::new(DEFAULT_MAX_BATCH, 16 << 20),
+    )?;
     let mut engine = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
@@ -61,7 +65,11 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..runs {
         let started = Instant::now();
         let request: InferRequest = serde_json::from_slice(&body)?;
-        let valid = validate(&model.signature, request)?;
+        let valid = validate(
+            &model.signature,
+            request,
+            ShapeLimits::new(DEFAULT_MAX_BATCH, 16 << 20),
+        )?;
         let outputs = model.infer(&valid)?;
         serde_json::to_vec(&outputs)?;
         full.push(started.elapsed());

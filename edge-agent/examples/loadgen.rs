@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use shoal_agent::engine::LoadedModel;
 use shoal_agent::oip::InferRequest;
-use shoal_agent::validation::validate;
+use shoal_agent::validation::{DEFAULT_MAX_BATCH, ShapeLimits, validate};
 
 /// One client's view of the run.
 #[derive(Default)]
@@ -149,7 +149,12 @@ fn main() -> anyhow::Result<()> {
             drive(concurrency, seconds, warmup, move || {
                 let request: InferRequest =
                     serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                let valid = validate(&model.signature, request).map_err(|e| e.to_string())?;
+                let valid = validate(
+                    &model.signature,
+                    request,
+                    ShapeLimits::new(DEFAULT_MAX_BATCH, 16 << 20),
+                )
+                .map_err(|e| e.to_string())?;
                 let outputs = model.infer(&valid).map_err(|e| e.to_string())?;
                 serde_json::to_vec(&outputs).map_err(|e| e.to_string())?;
                 Ok(())

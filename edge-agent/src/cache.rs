@@ -24,8 +24,8 @@ pub enum CacheError {
     #[error("{0:?} is not a sha256 digest (sha256:<64 lowercase hex>)")]
     InvalidDigest(String),
     #[error(
-        "the cache has no room for {needed} more bytes ({used} of {limit} bytes used by other artifacts); \
-         raise the EdgePool's spec.agent.cacheSize"
+        "the cache has no room for {needed} more bytes ({used} of {limit} bytes are used by cached \
+         artifacts and downloads); raise the EdgePool's spec.agent.cacheSize"
     )]
     Full { needed: u64, used: u64, limit: u64 },
     #[error(
@@ -137,16 +137,31 @@ impl Cache {
         })
     }
 
-    /// Fails with [`CacheError::Full`] unless `needed` more bytes fit under
-    /// `limit` beside the artifacts and partial downloads already cached.
-    pub fn ensure_room(&self, needed: u64, limit: u64) -> Result<(), CacheError> {
-        let used = [self.artifacts_dir(), self.temp_dir()]
-            .iter()
-            .filter_map(|dir| fs::read_dir(dir).ok())
-            .flat_map(|entries| entries.flatten())
-            .filter_map(|entry| entry.metadata().ok())
-            .map(|metadata| metadata.len())
-            .sum::<u64>();
+    /// Fails with [`CacheError::Full`] unless the artifact `digest` of `size`
+    /// bytes fits under `limit` beside the artifacts and the other partial
+    /// downloads already cached. Its own partial download is part of `size`, so
+    /// it counts once: a resumed download needs room only for what is missing.
+    pub fn ensure_room_for(&self, digest: &str, size: u64, limit: u64) -> Result<(), CacheError> {
+        let own_partial = self.partial_path(digest)?;
+        let mut others = 0u64;
+        let mut downloaded = 0u64;
+        for dir in [self.artifacts_dir(), self.temp_dir()] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(metadata) = entry.metadata() else {
+                    continue;
+                };
+                if entry.path() == own_partial {
+                    downloaded = metadata.len();
+                } else {
+                    others = others.saturating_add(metadata.len());
+                }
+            }
+        }
+        let needed = size.saturating_sub(downloaded);
+        let used = others.saturating_add(downloaded);
         if used.saturating_add(needed) > limit {
             return Err(CacheError::Full {
                 needed,
@@ -157,8 +172,36 @@ impl Cache {
         Ok(())
     }
 
-    /// Deletes artifacts no assignment needs any more, keeping `keep` (digests).
+    /// Deletes partial downloads of digests not in `keep`: an assignment moved
+    /// on before they finished, and they would hold cache room forever.
+    pub fn remove_stale_partials(&self, keep: &[String]) {
+        let keep: Vec<String> = keep
+            .iter()
+            .filter_map(|d| digest_hex(d).ok())
+            .map(|hex| format!("{hex}.partial"))
+            .collect();
+        let Ok(entries) = fs::read_dir(self.temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            if name.ends_with(".partial") && !keep.iter().any(|kept| kept == name) {
+                tracing::info!(
+                    file = name,
+                    "removing a partial download no longer assigned"
+                );
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Deletes artifacts and partial downloads no assignment needs any more,
+    /// keeping `keep` (digests).
     pub fn remove_unused(&self, keep: &[String]) {
+        self.remove_stale_partials(keep);
         let keep: Vec<&str> = keep.iter().filter_map(|d| digest_hex(d).ok()).collect();
         let Ok(entries) = fs::read_dir(self.artifacts_dir()) else {
             return;
@@ -320,12 +363,47 @@ mod tests {
         let digest = digest_of(b"0123456789");
         fs::write(cache.partial_path(&digest).expect("path"), b"0123456789").expect("write");
         cache.commit_download(&digest).expect("commits");
-        assert!(cache.ensure_room(90, 100).is_ok());
-        let error = cache.ensure_room(91, 100).expect_err("full");
+        let other = digest_of(b"another artifact");
+        assert!(cache.ensure_room_for(&other, 90, 100).is_ok());
+        let error = cache.ensure_room_for(&other, 91, 100).expect_err("full");
         assert!(
             matches!(error, CacheError::Full { used: 10, .. }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_download_counts_its_own_partial_once_and_other_partials_fully() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path()).expect("opens");
+        let stable = digest_of(&[b's'; 30]);
+        fs::write(cache.partial_path(&stable).expect("path"), [b's'; 30]).expect("write");
+        cache.commit_download(&stable).expect("commits");
+        let new = digest_of(&[b'n'; 60]);
+        fs::write(cache.partial_path(&new).expect("path"), [b'n'; 40]).expect("write");
+        // 30 B cached and 60 B for the new artifact, 40 of them already here.
+        assert!(cache.ensure_room_for(&new, 60, 100).is_ok());
+        assert!(cache.ensure_room_for(&new, 70, 100).is_ok());
+        let error = cache.ensure_room_for(&new, 71, 100).expect_err("full");
+        assert!(
+            matches!(
+                error,
+                CacheError::Full {
+                    needed: 31,
+                    used: 70,
+                    limit: 100
+                }
+            ),
+            "{error}"
+        );
+        // Another download in progress takes room until it is removed.
+        let stale = digest_of(b"stale");
+        fs::write(cache.partial_path(&stale).expect("path"), [b'x'; 20]).expect("write");
+        assert!(cache.ensure_room_for(&new, 60, 100).is_err());
+        cache.remove_stale_partials(&[stable.clone(), new.clone()]);
+        assert!(!cache.partial_path(&stale).expect("path").exists());
+        assert!(cache.partial_path(&new).expect("path").exists(), "kept");
+        assert!(cache.ensure_room_for(&new, 60, 100).is_ok());
     }
 
     #[test]

@@ -48,6 +48,29 @@ pub enum ControlPlaneError {
     Cache(#[from] CacheError),
     #[error("cannot configure the HTTP client: {0}")]
     Client(String),
+    #[error(
+        "{url} sent more than the {limit} bytes {bound}; the download was stopped and its partial file removed"
+    )]
+    TooLarge {
+        url: String,
+        limit: u64,
+        bound: &'static str,
+    },
+    #[error("--control-plane {url:?}: {reason}")]
+    InsecureUrl { url: String, reason: String },
+}
+
+impl ControlPlaneError {
+    /// Whether the control plane sent bytes that cannot be the artifact (the
+    /// wrong digest, or more than it may be): the same download would fail the
+    /// same way, so it waits longer before the next attempt.
+    pub fn is_bad_artifact(&self) -> bool {
+        matches!(
+            self,
+            ControlPlaneError::Cache(CacheError::DigestMismatch { .. })
+                | ControlPlaneError::TooLarge { .. }
+        )
+    }
 }
 
 /// The result of one long-poll.
@@ -68,13 +91,19 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// `ca_file` adds a PEM CA to trust for the operator's serving certificate.
+    /// `ca_file` names the PEM CA (or bundle of CAs) that signed the operator's
+    /// serving certificate; when it is given the client trusts it only, not the
+    /// public roots built into the agent. Without it, the public roots only.
     pub fn new(
         base_url: &str,
         node: &str,
         token_file: Option<PathBuf>,
         ca_file: Option<PathBuf>,
     ) -> Result<ControlPlane, ControlPlaneError> {
+        check_url(base_url).map_err(|reason| ControlPlaneError::InsecureUrl {
+            url: base_url.to_string(),
+            reason,
+        })?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT + agent_protocol_wait())
@@ -82,9 +111,21 @@ impl ControlPlane {
         if let Some(path) = ca_file {
             let pem = std::fs::read(&path)
                 .map_err(|e| ControlPlaneError::Client(format!("{}: {e}", path.display())))?;
-            let certificate = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| ControlPlaneError::Client(e.to_string()))?;
-            builder = builder.add_root_certificate(certificate);
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ControlPlaneError::Client(format!("{}: not a PEM CA: {e}", path.display()))
+            })?;
+            if certificates.is_empty() {
+                return Err(ControlPlaneError::Client(format!(
+                    "{} holds no PEM certificate; give the CA that signed the operator's serving certificate",
+                    path.display()
+                )));
+            }
+            // A private CA replaces the public roots: a certificate any public CA
+            // issued for the operator's name must not be trusted as well.
+            builder = builder.tls_built_in_root_certs(false);
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
         }
         let client = builder
             .build()
@@ -178,11 +219,14 @@ impl ControlPlane {
     }
 
     /// Downloads a model's artifact into the cache and verifies it. A partial file
-    /// from an earlier broken attempt is resumed with a `Range` request.
+    /// from an earlier broken attempt is resumed with a `Range` request. A
+    /// download longer than the size the assignment declares (or, when it
+    /// declares none, than `cache_limit`) is stopped and its partial file removed.
     pub async fn download(
         &self,
         model: &AssignedModel,
         cache: &Cache,
+        cache_limit: u64,
     ) -> Result<PathBuf, ControlPlaneError> {
         if cache.read_artifact(&model.artifact_digest)?.is_some() {
             return Ok(cache.artifact_path(&model.artifact_digest)?);
@@ -220,12 +264,24 @@ impl ControlPlane {
         if resumed {
             tracing::info!(model = %model.name, version = %model.version, offset, "resuming download");
         }
+        let (limit, bound) = if model.artifact_bytes > 0 {
+            (model.artifact_bytes, "the assignment declares")
+        } else {
+            (cache_limit, "of the cache limit")
+        };
+        let mut written = if resumed { offset } else { 0 };
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|source| ControlPlaneError::Unreachable {
                 url: url.clone(),
                 source,
             })?;
+            written = written.saturating_add(chunk.len() as u64);
+            if written > limit {
+                drop(file);
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(ControlPlaneError::TooLarge { url, limit, bound });
+            }
             file.write_all(&chunk).await.map_err(io_error)?;
         }
         file.sync_all().await.map_err(io_error)?;
@@ -246,6 +302,54 @@ impl ControlPlane {
     }
 }
 
+/// Accepts `https://` URLs, and `http://` ones only to a loopback host
+/// (127.0.0.0/8, ::1, localhost): every call carries the node's token, which
+/// plain HTTP across a network gives to anyone on the path.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("not a URL ({e}); use https://HOST:PORT"))?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(&parsed) => Ok(()),
+        "http" => Err(
+            "plain http:// would send the node's token unencrypted across the network; \
+             use https:// (http:// is accepted only for a loopback host: 127.0.0.0/8, ::1, localhost)"
+                .to_string(),
+        ),
+        scheme => Err(format!(
+            "unsupported scheme {scheme:?}; use https://HOST:PORT"
+        )),
+    }
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // An IPv6 host keeps its brackets in a URL.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// How much of an error answer's body an error keeps (the control plane's messages
+/// are short; anything longer is not worth logging).
+const MAX_ERROR_BODY_BYTES: usize = 512;
+
+/// Shortens `text` to at most `max` bytes without splitting a character.
+fn cut_at_char_boundary(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+}
+
 fn agent_protocol_wait() -> Duration {
     Duration::from_secs(agent_protocol::MAX_WAIT_SECONDS)
 }
@@ -259,10 +363,92 @@ async fn check(
         return Ok(response);
     }
     let mut body = response.text().await.unwrap_or_default();
-    body.truncate(512);
+    cut_at_char_boundary(&mut body, MAX_ERROR_BODY_BYTES);
     Err(ControlPlaneError::Status {
         url: url.to_string(),
         status,
         body,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: String) -> reqwest::Response {
+        let response = axum::http::Response::builder()
+            .status(status)
+            .body(body)
+            .expect("a response");
+        reqwest::Response::from(response)
+    }
+
+    fn refusal(url: &str) -> Option<String> {
+        ControlPlane::new(url, "n1", None, None)
+            .err()
+            .map(|error| error.to_string())
+    }
+
+    #[test]
+    fn the_url_check_allows_plain_http_only_to_loopback_hosts() {
+        assert_eq!(check_url("https://10.0.0.1:8443"), Ok(()));
+        assert_eq!(check_url("http://127.0.0.1:8443"), Ok(()));
+        assert_eq!(check_url("http://127.255.255.254"), Ok(()));
+        assert_eq!(check_url("http://[::1]:8443/"), Ok(()));
+        assert_eq!(check_url("http://LOCALHOST:8443"), Ok(()));
+        for url in [
+            "http://128.0.0.1",
+            "http://10.0.0.1:8443",
+            "http://localhost.example.com",
+            "http://[::2]",
+        ] {
+            let reason = check_url(url).expect_err(url);
+            assert!(reason.starts_with("plain http://"), "{url}: {reason}");
+        }
+        assert!(check_url("ws://127.0.0.1").is_err());
+        assert!(check_url("127.0.0.1:8443").is_err());
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_the_host_is_loopback() {
+        for url in [
+            "http://10.0.0.1:8443",
+            "http://shoal-operator.shoal-system.svc:8443",
+            "http://127.0.0.1.nip.io:8443",
+            "http://[::ffff:10.0.0.1]:8443",
+        ] {
+            let refusal = refusal(url).unwrap_or_else(|| panic!("{url} was accepted"));
+            assert!(refusal.contains("use https://"), "{url}: {refusal}");
+        }
+        for url in [
+            "http://127.0.0.1:8443",
+            "http://127.200.3.4:8443",
+            "http://[::1]:8443",
+            "http://localhost:8443",
+            "https://10.0.0.1:8443",
+            "https://shoal-operator.shoal-system.svc:8443",
+        ] {
+            assert_eq!(refusal(url), None, "{url} is refused");
+        }
+        assert!(refusal("ftp://10.0.0.1").is_some());
+        assert!(refusal("not a url").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_long_error_body_is_cut_at_a_character_boundary_without_a_panic() {
+        // 511 ASCII bytes, then a two-byte character across the 512-byte cut.
+        let body = format!("{}é and more", "a".repeat(511));
+        let error = check(answer(503, body), "https://hub/agent/v1")
+            .await
+            .expect_err("a 503 is an error");
+        let ControlPlaneError::Status { status, body, .. } = error else {
+            panic!("a status error, not {error:?}");
+        };
+        assert_eq!(status.as_u16(), 503);
+        assert_eq!(
+            body,
+            "a".repeat(511),
+            "cut before the character that crosses 512 bytes"
+        );
+    }
 }

@@ -6,16 +6,13 @@ use std::collections::{HashMap, VecDeque};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use shoal_signature::check::{OpenDims, panic_message, pin_open_input_dims};
+use shoal_signature::{InvalidModel, OnnxModel, complete_outputs, read_onnx};
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, Symbol,
-    TDim, TValue, TVec, Tensor, ToDim, TractResult, TypedSimplePlan, f16,
+    DatumType, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, Symbol, TDim,
+    TValue, TVec, Tensor, ToDim, TractResult, TypedFact, TypedSimplePlan, f16,
 };
-use tract_onnx::tract_hir::infer::{DimFact, Factoid, ShapeFactoid};
-use tract_onnx::tract_hir::internal::DimLike;
-
-use tract_onnx::pb;
-use tract_onnx::pb::tensor_proto::DataType;
-use tract_onnx::pb::tensor_shape_proto::dimension;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::oip::{Datatype, OutputData, ResponseOutput};
 use crate::signature::{Dim, Signature, TensorSpec};
@@ -28,14 +25,11 @@ pub const PLAN_CACHE_SIZE: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// What the operator's admission check refuses too (shoal-signature).
+    #[error("not a loadable ONNX model: {0}")]
+    Invalid(#[from] InvalidModel),
     #[error("not a loadable ONNX model: {0}")]
     Unloadable(String),
-    #[error("{role} \"{name}\": {reason}")]
-    UnsupportedTensor {
-        role: &'static str,
-        name: String,
-        reason: String,
-    },
     #[error("tract panicked while loading the model: {0}")]
     Panicked(String),
 }
@@ -44,8 +38,11 @@ impl LoadError {
     /// A short, fixed label for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            LoadError::Unloadable(_) => "unloadable",
-            LoadError::UnsupportedTensor { .. } => "unsupported_tensor",
+            LoadError::Invalid(InvalidModel::NotOnnx { .. } | InvalidModel::Unloadable { .. })
+            | LoadError::Unloadable(_) => "unloadable",
+            LoadError::Invalid(
+                InvalidModel::UnservableTensor { .. } | InvalidModel::UndeclaredInput { .. },
+            ) => "unsupported_tensor",
             LoadError::Panicked(_) => "panicked",
         }
     }
@@ -166,20 +163,12 @@ impl LoadedModel {
 }
 
 fn load_unguarded(name: &str, version: &str, bytes: &[u8]) -> Result<LoadedModel, LoadError> {
-    let onnx = tract_onnx::onnx();
-    let proto = onnx
-        .proto_model_for_read(&mut &bytes[..])
-        .map_err(|err| LoadError::Unloadable(format!("not a valid ONNX protobuf: {err:#}")))?;
-    let Some(graph) = proto.graph.as_ref() else {
-        return Err(LoadError::Unloadable("it holds no ONNX graph".to_string()));
-    };
-    let model = onnx
-        .model_for_proto_model(&proto)
-        .map_err(|err| LoadError::Unloadable(format!("{err:#}")))?;
-    let inputs = input_specs(&model)?;
-    let declared_outputs = declared_output_specs(&model, graph);
-    // Free the decoded copy of the weights before optimization makes its own.
-    drop(proto);
+    // The same reading, and the same datatype rule, as the operator's admission.
+    let OnnxModel {
+        model,
+        inputs,
+        declared_outputs,
+    } = read_onnx(bytes)?;
 
     let (runner, symbolic_error) = match single_plan(&model, &inputs) {
         Ok(plan) => (Runner::Single(plan), None),
@@ -205,14 +194,11 @@ fn load_unguarded(name: &str, version: &str, bytes: &[u8]) -> Result<LoadedModel
             (plan, false)
         }
     };
-    let outputs = declared_outputs
-        .into_iter()
-        .enumerate()
-        .map(|(ix, (name, declared))| match declared {
-            Some(spec) => Ok(spec),
-            None => analysed_output_spec(&typed_plan, ix, name, typed_dims_are_general),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let analysed_outputs = (0..typed_plan.model().outputs.len())
+        .map(|ix| typed_plan.model().output_fact(ix).cloned())
+        .collect::<TractResult<Vec<TypedFact>>>()
+        .map_err(|err| LoadError::Unloadable(format!("{err:#}")))?;
+    let outputs = complete_outputs(declared_outputs, &analysed_outputs, typed_dims_are_general)?;
     Ok(LoadedModel {
         name: name.to_string(),
         version: version.to_string(),
@@ -224,21 +210,9 @@ fn load_unguarded(name: &str, version: &str, bytes: &[u8]) -> Result<LoadedModel
 /// Optimizes with open dimensions symbolic and warms the plan up at size 1.
 fn single_plan(model: &InferenceModel, inputs: &[TensorSpec]) -> TractResult<Arc<TypedSimplePlan>> {
     let mut model = model.clone();
-    for ix in 0..model.inputs.len() {
-        let mut fact = model.input_fact(ix)?.clone();
-        // tract cannot type a source whose shape is not fully known, so an
-        // unnamed open dimension gets a fresh symbol of its own.
-        let dims: TVec<DimFact> = fact
-            .shape
-            .dims()
-            .map(|dim| match dim.concretize() {
-                Some(dim) => DimFact::from(dim),
-                None => DimFact::from(model.symbols.new_with_prefix("unnamed").to_dim()),
-            })
-            .collect();
-        fact.shape = ShapeFactoid::closed(dims);
-        model.set_input_fact(ix, fact)?;
-    }
+    // tract cannot type a source whose shape is not fully known, so an unnamed
+    // open dimension gets a fresh symbol of its own.
+    pin_open_input_dims(&mut model, OpenDims::Symbolic)?;
     let plan = model.into_optimized()?.into_runnable()?;
     warm_up(&plan, inputs)?;
     Ok(plan)
@@ -308,7 +282,7 @@ fn warm_up(plan: &Arc<TypedSimplePlan>, inputs: &[TensorSpec]) -> TractResult<()
     let zeros = inputs
         .iter()
         .map(|spec| {
-            Tensor::zero_dt(datum_type(spec.datatype), &shape_with_ones(spec)).map(TValue::from)
+            Tensor::zero_dt(spec.datatype.datum_type(), &shape_with_ones(spec)).map(TValue::from)
         })
         .collect::<TractResult<TVec<TValue>>>()?;
     plan.run(zeros)?;
@@ -323,170 +297,6 @@ fn shape_with_ones(spec: &TensorSpec) -> Vec<usize> {
             Dim::Open(_) => 1,
         })
         .collect()
-}
-
-fn input_specs(model: &InferenceModel) -> Result<Vec<TensorSpec>, LoadError> {
-    let mut specs = Vec::with_capacity(model.inputs.len());
-    for (ix, outlet) in model.inputs.iter().enumerate() {
-        let name = model.node(outlet.node).name.clone();
-        let unsupported = |reason: &str| LoadError::UnsupportedTensor {
-            role: "input",
-            name: name.clone(),
-            reason: reason.to_string(),
-        };
-        let fact = model
-            .input_fact(ix)
-            .map_err(|err| LoadError::Unloadable(format!("{err:#}")))?;
-        let Some(datum_type) = fact.datum_type.concretize() else {
-            return Err(unsupported("the model declares no element type for it"));
-        };
-        let datatype = oip_datatype(datum_type).ok_or_else(|| {
-            unsupported(&format!(
-                "element type {datum_type:?} is not served by this agent"
-            ))
-        })?;
-        if fact.shape.is_open() {
-            return Err(unsupported("the model declares no rank for it"));
-        }
-        let dims = fact
-            .shape
-            .dims()
-            .map(|dim| match dim.concretize() {
-                Some(TDim::Val(size)) if size >= 0 => Dim::Fixed(size as usize),
-                Some(TDim::Sym(symbol)) => Dim::Open(Some(symbol.to_string())),
-                _ => Dim::Open(None),
-            })
-            .collect();
-        specs.push(TensorSpec {
-            name,
-            datatype,
-            dims,
-        });
-    }
-    Ok(specs)
-}
-
-/// Each output's name, with its spec when the graph declares both element type
-/// and shape. tract's loader ignores declared output shapes by default (they
-/// are often wrong), so they are read from the protobuf; they only describe the
-/// model in metadata, inference never relies on them.
-fn declared_output_specs(
-    model: &InferenceModel,
-    graph: &pb::GraphProto,
-) -> Vec<(String, Option<TensorSpec>)> {
-    model
-        .outputs
-        .iter()
-        .map(|outlet| {
-            let name = model
-                .outlet_label(*outlet)
-                .map(str::to_string)
-                .unwrap_or_else(|| model.node(outlet.node).name.clone());
-            let declared = graph
-                .output
-                .iter()
-                .find(|info| info.name == name)
-                .and_then(declared_tensor);
-            (name, declared)
-        })
-        .collect()
-}
-
-fn declared_tensor(info: &pb::ValueInfoProto) -> Option<TensorSpec> {
-    let Some(pb::TypeProto {
-        value: Some(pb::type_proto::Value::TensorType(tensor_type)),
-        ..
-    }) = &info.r#type
-    else {
-        return None;
-    };
-    let shape = tensor_type.shape.as_ref()?;
-    let data_type = DataType::try_from(tensor_type.elem_type).ok()?;
-    let datatype = oip_datatype(DatumType::try_from(data_type).ok()?)?;
-    let dims = shape
-        .dim
-        .iter()
-        .map(|dim| match dim.value {
-            Some(dimension::Value::DimValue(size)) if size >= 0 => Dim::Fixed(size as usize),
-            _ => Dim::Open(None),
-        })
-        .collect();
-    Some(TensorSpec {
-        name: info.name.clone(),
-        datatype,
-        dims,
-    })
-}
-
-fn analysed_output_spec(
-    plan: &Arc<TypedSimplePlan>,
-    ix: usize,
-    name: String,
-    dims_are_general: bool,
-) -> Result<TensorSpec, LoadError> {
-    let fact = plan
-        .model()
-        .output_fact(ix)
-        .map_err(|err| LoadError::Unloadable(format!("{err:#}")))?;
-    let datatype = oip_datatype(fact.datum_type).ok_or_else(|| LoadError::UnsupportedTensor {
-        role: "output",
-        name: name.clone(),
-        reason: format!(
-            "element type {:?} is not served by this agent",
-            fact.datum_type
-        ),
-    })?;
-    let dims = fact
-        .shape
-        .iter()
-        .map(|dim| match dim.to_usize() {
-            Ok(size) if dims_are_general => Dim::Fixed(size),
-            _ => Dim::Open(None),
-        })
-        .collect();
-    Ok(TensorSpec {
-        name,
-        datatype,
-        dims,
-    })
-}
-
-fn oip_datatype(datum_type: DatumType) -> Option<Datatype> {
-    let datatype = match datum_type {
-        DatumType::Bool => Datatype::Bool,
-        DatumType::U8 => Datatype::Uint8,
-        DatumType::U16 => Datatype::Uint16,
-        DatumType::U32 => Datatype::Uint32,
-        DatumType::U64 => Datatype::Uint64,
-        DatumType::I8 => Datatype::Int8,
-        DatumType::I16 => Datatype::Int16,
-        DatumType::I32 => Datatype::Int32,
-        DatumType::I64 => Datatype::Int64,
-        DatumType::F16 => Datatype::Fp16,
-        DatumType::F32 => Datatype::Fp32,
-        DatumType::F64 => Datatype::Fp64,
-        // Shape arithmetic is typed TDim in tract and int64 in ONNX.
-        DatumType::TDim => Datatype::Int64,
-        _ => return None,
-    };
-    Some(datatype)
-}
-
-fn datum_type(datatype: Datatype) -> DatumType {
-    match datatype {
-        Datatype::Bool => DatumType::Bool,
-        Datatype::Uint8 => DatumType::U8,
-        Datatype::Uint16 => DatumType::U16,
-        Datatype::Uint32 => DatumType::U32,
-        Datatype::Uint64 => DatumType::U64,
-        Datatype::Int8 => DatumType::I8,
-        Datatype::Int16 => DatumType::I16,
-        Datatype::Int32 => DatumType::I32,
-        Datatype::Int64 => DatumType::I64,
-        Datatype::Fp16 => DatumType::F16,
-        Datatype::Fp32 => DatumType::F32,
-        Datatype::Fp64 => DatumType::F64,
-    }
 }
 
 fn input_tensor(input: &InputTensor) -> TractResult<TValue> {
@@ -514,10 +324,11 @@ fn input_tensor(input: &InputTensor) -> TractResult<TValue> {
 fn response_output(name: &str, tensor: &Tensor) -> Result<ResponseOutput, InferError> {
     let run_error = |err: tract_onnx::prelude::TractError| InferError::Run(format!("{err:#}"));
     let datum_type = tensor.datum_type();
-    let datatype = oip_datatype(datum_type).ok_or_else(|| InferError::UnsupportedOutput {
-        name: name.to_string(),
-        datum_type: format!("{datum_type:?}"),
-    })?;
+    let datatype =
+        Datatype::from_datum_type(datum_type).ok_or_else(|| InferError::UnsupportedOutput {
+            name: name.to_string(),
+            datum_type: format!("{datum_type:?}"),
+        })?;
     let data = match datum_type {
         DatumType::TDim => {
             let cast = tensor.cast_to::<i64>().map_err(run_error)?;
@@ -609,14 +420,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,6 +428,69 @@ mod tests {
     fn garbage_is_unloadable() {
         let err = LoadedModel::load("m", "1", b"<html>404</html>").expect_err("refused");
         assert_eq!(err.label(), "unloadable", "{err}");
+    }
+
+    /// text: string[1] → Identity → text_out: tract loads it, but agents serve
+    /// no string tensors, and the operator refuses the same model for the same
+    /// reason (shoal_signature::servable_datatype).
+    fn string_input_model() -> Vec<u8> {
+        use prost::Message;
+        use tract_onnx::pb;
+        use tract_onnx::pb::tensor_proto::DataType;
+        use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
+        let value_info = |name: &str| pb::ValueInfoProto {
+            name: name.to_string(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: DataType::String as i32,
+                    shape: Some(pb::TensorShapeProto {
+                        dim: vec![Dimension {
+                            value: Some(dimension::Value::DimValue(1)),
+                            ..Default::default()
+                        }],
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(pb::GraphProto {
+                name: "string_echo".to_string(),
+                node: vec![pb::NodeProto {
+                    op_type: "Identity".to_string(),
+                    input: vec!["text".to_string()],
+                    output: vec!["text_out".to_string()],
+                    ..Default::default()
+                }],
+                input: vec![value_info("text")],
+                output: vec![value_info("text_out")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn string_input_is_refused_like_the_operator_refuses_it() {
+        let bytes = string_input_model();
+        let err = LoadedModel::load("m", "1", &bytes).expect_err("refused");
+        assert_eq!(err.label(), "unsupported_tensor", "{err}");
+        let admission = shoal_signature::read_signature(&bytes).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            format!("not a loadable ONNX model: {admission}")
+        );
+        assert!(
+            err.to_string().contains("input `text` is a string tensor"),
+            "{err}"
+        );
     }
 
     #[test]

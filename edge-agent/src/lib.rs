@@ -12,5 +12,6 @@ pub mod prepare_cache;
 pub mod registry;
 pub mod server;
 pub mod signature;
+pub mod supervise;
 pub mod sync;
 pub mod validation;

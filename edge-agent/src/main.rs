@@ -21,6 +21,7 @@ use shoal_agent::metrics::Metrics;
 use shoal_agent::prepare_cache::{self, Owner, Prepared};
 use shoal_agent::registry::ModelRegistry;
 use shoal_agent::server::{self, AppState, Limits};
+use shoal_agent::supervise::{RESTART_DELAY, restart_on_panic};
 use shoal_agent::sync::Syncer;
 
 #[derive(Debug, Parser)]
@@ -95,6 +96,13 @@ struct Args {
     /// Largest inference request body, in bytes; larger ones get 413.
     #[arg(long, env = "SHOAL_AGENT_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_body_bytes: usize,
+
+    /// Largest batch an inference request may send: the size of an input's first
+    /// dimension when the model leaves it open. Larger ones get 400 before any
+    /// plan is built, because tract's plan for a batch takes memory in proportion
+    /// to it even when the request holds no data (a zero in another dimension).
+    #[arg(long, env = "SHOAL_AGENT_MAX_BATCH", default_value_t = shoal_agent::validation::DEFAULT_MAX_BATCH)]
+    max_batch: usize,
 
     /// Seconds from receiving an inference request to answering it, queueing
     /// included; past that the agent answers 503.
@@ -206,6 +214,9 @@ async fn main() -> anyhow::Result<()> {
         Some(workers) => workers,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
+    if args.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
     if !(args.request_timeout_seconds.is_finite() && args.request_timeout_seconds > 0.0) {
         bail!("--request-timeout-seconds must be a positive number");
     }
@@ -219,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
         workers,
         queue: args.queue,
         max_body_bytes: args.max_body_bytes,
+        max_batch: args.max_batch,
         request_timeout: Duration::from_secs_f64(args.request_timeout_seconds),
         body_read_timeout: Duration::from_secs_f64(args.body_read_timeout_seconds),
         header_read_timeout: Duration::from_secs_f64(args.header_read_timeout_seconds),
@@ -271,8 +283,14 @@ async fn main() -> anyhow::Result<()> {
     );
     let state = AppState::new(registry, metrics, limits);
     if let Some(syncer) = syncer {
-        tokio::spawn(syncer.clone().run());
-        tokio::spawn(syncer.report_every(Duration::from_secs(args.report_seconds.max(1))));
+        let sync = syncer.clone();
+        tokio::spawn(restart_on_panic("sync", RESTART_DELAY, move || {
+            sync.clone().run()
+        }));
+        let every = Duration::from_secs(args.report_seconds.max(1));
+        tokio::spawn(restart_on_panic("report", RESTART_DELAY, move || {
+            syncer.clone().report_every(every)
+        }));
     }
     server::serve(listener, state, shutdown_signal())
         .await

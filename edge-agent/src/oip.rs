@@ -7,78 +7,11 @@ use std::fmt;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-/// A tensor element type, spelled the way the protocol spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Datatype {
-    Bool,
-    Uint8,
-    Uint16,
-    Uint32,
-    Uint64,
-    Int8,
-    Int16,
-    Int32,
-    Int64,
-    Fp16,
-    Fp32,
-    Fp64,
-}
+use crate::signature::TensorSpec;
 
-impl Datatype {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Datatype::Bool => "BOOL",
-            Datatype::Uint8 => "UINT8",
-            Datatype::Uint16 => "UINT16",
-            Datatype::Uint32 => "UINT32",
-            Datatype::Uint64 => "UINT64",
-            Datatype::Int8 => "INT8",
-            Datatype::Int16 => "INT16",
-            Datatype::Int32 => "INT32",
-            Datatype::Int64 => "INT64",
-            Datatype::Fp16 => "FP16",
-            Datatype::Fp32 => "FP32",
-            Datatype::Fp64 => "FP64",
-        }
-    }
-
-    /// The datatype a protocol name stands for; `None` for names this agent does
-    /// not carry (BYTES, BF16) and for names that are not datatypes at all.
-    pub fn parse(name: &str) -> Option<Datatype> {
-        let datatype = match name {
-            "BOOL" => Datatype::Bool,
-            "UINT8" => Datatype::Uint8,
-            "UINT16" => Datatype::Uint16,
-            "UINT32" => Datatype::Uint32,
-            "UINT64" => Datatype::Uint64,
-            "INT8" => Datatype::Int8,
-            "INT16" => Datatype::Int16,
-            "INT32" => Datatype::Int32,
-            "INT64" => Datatype::Int64,
-            "FP16" => Datatype::Fp16,
-            "FP32" => Datatype::Fp32,
-            "FP64" => Datatype::Fp64,
-            _ => return None,
-        };
-        Some(datatype)
-    }
-
-    pub fn is_float(self) -> bool {
-        matches!(self, Datatype::Fp16 | Datatype::Fp32 | Datatype::Fp64)
-    }
-}
-
-impl fmt::Display for Datatype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for Datatype {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
+/// A tensor element type, spelled the way the protocol spells it; shared with
+/// the operator, which admits only models whose tensors have one.
+pub use shoal_signature::Datatype;
 
 /// `POST /v2/models/{name}[/versions/{v}]/infer` body.
 #[derive(Debug, Deserialize)]
@@ -279,6 +212,16 @@ pub struct MetadataTensor {
     pub shape: Vec<i64>,
 }
 
+impl From<&TensorSpec> for MetadataTensor {
+    fn from(spec: &TensorSpec) -> MetadataTensor {
+        MetadataTensor {
+            name: spec.name.clone(),
+            datatype: spec.datatype,
+            shape: spec.protocol_shape(),
+        }
+    }
+}
+
 /// `GET /v2/models/{name}[/versions/{v}]` body.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelMetadata {
@@ -389,18 +332,5 @@ mod tests {
             json,
             r#"{"model_name":"m","model_version":"1","outputs":[{"name":"y","datatype":"FP32","shape":[1,2],"data":[0.5,1.0]}]}"#
         );
-    }
-
-    #[test]
-    fn datatype_names_round_trip() {
-        for name in [
-            "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-            "FP16", "FP32", "FP64",
-        ] {
-            let datatype = Datatype::parse(name).expect("known");
-            assert_eq!(datatype.as_str(), name);
-        }
-        assert_eq!(Datatype::parse("BYTES"), None);
-        assert_eq!(Datatype::parse("fp32"), None);
     }
 }

@@ -22,9 +22,11 @@ use tokio::net::TcpListener;
 use crate::admission::{Admission, Closed};
 use crate::engine::{InferError, LoadedModel};
 use crate::metrics::Metrics;
-use crate::oip::{ErrorBody, InferRequest, InferResponse, ModelMetadata, ServerMetadata};
+use crate::oip::{
+    ErrorBody, InferRequest, InferResponse, MetadataTensor, ModelMetadata, ServerMetadata,
+};
 use crate::registry::ModelRegistry;
-use crate::validation::{InvalidRequest, validate};
+use crate::validation::{InvalidRequest, ShapeLimits, validate};
 
 /// Limits on inference work; see `main.rs` for the defaults and why.
 #[derive(Debug, Clone)]
@@ -35,6 +37,8 @@ pub struct Limits {
     pub queue: usize,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Largest batch (an open first dimension) a request may have; larger ones get 400.
+    pub max_batch: usize,
     /// From receiving a request to answering it, queueing included.
     pub request_timeout: Duration,
     /// From a request's headers to the end of its body; a client slower than
@@ -290,13 +294,13 @@ fn metadata_of(model: &LoadedModel) -> ModelMetadata {
             .signature
             .inputs
             .iter()
-            .map(|t| t.metadata())
+            .map(MetadataTensor::from)
             .collect(),
         outputs: model
             .signature
             .outputs
             .iter()
-            .map(|t| t.metadata())
+            .map(MetadataTensor::from)
             .collect(),
     }
 }
@@ -430,12 +434,13 @@ async fn infer_on(
             .map_err(|_| ApiError::BodyTimeout(body_timeout))??;
         let running = state.admission.run(slot).await?;
         let model = model.clone();
+        let shape_limits = ShapeLimits::new(state.limits.max_batch, limit);
         // Parsing a large body is CPU work too, so it runs on the worker with
         // the inference. The worker owns the admission until it is done, even
         // when the client is gone.
         tokio::task::spawn_blocking(move || {
             let _running = running;
-            infer_blocking(&model, &bytes)
+            infer_blocking(&model, &bytes, shape_limits)
         })
         .await
         .map_err(|err| ApiError::Worker(err.to_string()))?
@@ -445,10 +450,14 @@ async fn infer_on(
         .map_err(|_| ApiError::Timeout(timeout))?
 }
 
-fn infer_blocking(model: &LoadedModel, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+fn infer_blocking(
+    model: &LoadedModel,
+    body: &[u8],
+    shape_limits: ShapeLimits,
+) -> Result<Vec<u8>, ApiError> {
     let request: InferRequest =
         serde_json::from_slice(body).map_err(|err| ApiError::BadJson(err.to_string()))?;
-    let valid = validate(&model.signature, request)?;
+    let valid = validate(&model.signature, request, shape_limits)?;
     let outputs = model.infer(&valid)?;
     let response = InferResponse {
         model_name: model.name.clone(),

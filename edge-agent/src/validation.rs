@@ -90,6 +90,25 @@ pub enum InvalidRequest {
         first: usize,
         first_input: String,
     },
+    #[error(
+        "input \"{name}\": dimension 0 (the batch) is {got}, more than the agent's --max-batch of {max}; send smaller batches"
+    )]
+    BatchTooLarge {
+        name: String,
+        got: usize,
+        max: usize,
+    },
+    #[error(
+        "input \"{name}\": shape {shape:?} is too large: its dimensions multiply to {product} \
+         (each zero counted as one), more than the {max} elements a request within \
+         --max-body-bytes can carry"
+    )]
+    ShapeTooLarge {
+        name: String,
+        shape: Vec<usize>,
+        product: u128,
+        max: u128,
+    },
     #[error("input \"{name}\": shape {shape:?} holds {expected} elements, but data has {got}")]
     ElementCount {
         name: String,
@@ -129,10 +148,38 @@ pub enum InvalidRequest {
     UnknownOutput { name: String, known: String },
 }
 
-/// Checks `request` against `signature` and converts its data.
+/// The agent's default for `--max-batch`.
+pub const DEFAULT_MAX_BATCH: usize = 64;
+
+/// Bounds on the shapes of a request, checked before any plan is built. The
+/// element count alone does not bound the work: `[100000000, 3, 48, 0]` holds no
+/// element, yet tract builds (and allocates for) a plan for a batch of 10^8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeLimits {
+    /// Largest size of an input's first dimension when the model leaves it open
+    /// (the batch).
+    pub max_batch: usize,
+    /// Largest product of an input's dimensions, each zero counted as one.
+    pub max_elements: u128,
+}
+
+impl ShapeLimits {
+    /// The bounds for requests of at most `max_body_bytes`: a JSON body spends at
+    /// least two bytes on each element (a digit and a comma), so no request the
+    /// agent accepts carries more than `max_body_bytes / 2` elements.
+    pub fn new(max_batch: usize, max_body_bytes: usize) -> ShapeLimits {
+        ShapeLimits {
+            max_batch,
+            max_elements: (max_body_bytes / 2) as u128,
+        }
+    }
+}
+
+/// Checks `request` against `signature` and `limits` and converts its data.
 pub fn validate(
     signature: &Signature,
     request: InferRequest,
+    limits: ShapeLimits,
 ) -> Result<ValidRequest, InvalidRequest> {
     let mut given: Vec<Option<InputTensor>> = vec![None; signature.inputs.len()];
     // Open dimensions sharing a symbol: the first size seen and which input gave it.
@@ -152,7 +199,7 @@ pub fn validate(
             return Err(InvalidRequest::DuplicateInput { name: input.name });
         }
         let spec = &signature.inputs[position];
-        given[position] = Some(validate_input(spec, input, &mut symbol_sizes)?);
+        given[position] = Some(validate_input(spec, input, limits, &mut symbol_sizes)?);
     }
     let mut inputs = Vec::with_capacity(given.len());
     for (spec, tensor) in signature.inputs.iter().zip(given) {
@@ -192,6 +239,7 @@ pub fn validate(
 fn validate_input(
     spec: &TensorSpec,
     input: RequestInput,
+    limits: ShapeLimits,
     symbol_sizes: &mut HashMap<String, (usize, String)>,
 ) -> Result<InputTensor, InvalidRequest> {
     let name = input.name;
@@ -216,7 +264,7 @@ fn validate_input(
             got: datatype,
         });
     }
-    let shape = check_shape(spec, &name, &input.shape, symbol_sizes)?;
+    let shape = check_shape(spec, &name, &input.shape, limits, symbol_sizes)?;
     let expected = shape
         .iter()
         .try_fold(1u128, |product, dim| product.checked_mul(*dim as u128))
@@ -238,6 +286,7 @@ fn check_shape(
     spec: &TensorSpec,
     name: &str,
     shape: &[i64],
+    limits: ShapeLimits,
     symbol_sizes: &mut HashMap<String, (usize, String)>,
 ) -> Result<Vec<usize>, InvalidRequest> {
     let Ok(sizes) = shape
@@ -287,7 +336,40 @@ fn check_shape(
             },
         }
     }
+    check_bounds(spec, name, &sizes, limits)?;
     Ok(sizes)
+}
+
+/// Bounds what the declared sizes leave open: the batch by `--max-batch`, and
+/// the product of the dimensions (a zero counted as one, since it empties the
+/// data but not the plan) by what a request body can carry.
+fn check_bounds(
+    spec: &TensorSpec,
+    name: &str,
+    sizes: &[usize],
+    limits: ShapeLimits,
+) -> Result<(), InvalidRequest> {
+    if let (Some(Dim::Open(_)), Some(&batch)) = (spec.dims.first(), sizes.first())
+        && batch > limits.max_batch
+    {
+        return Err(InvalidRequest::BatchTooLarge {
+            name: name.to_string(),
+            got: batch,
+            max: limits.max_batch,
+        });
+    }
+    let product = sizes.iter().fold(1u128, |product, &size| {
+        product.saturating_mul(size.max(1) as u128)
+    });
+    if product > limits.max_elements {
+        return Err(InvalidRequest::ShapeTooLarge {
+            name: name.to_string(),
+            shape: sizes.to_vec(),
+            product,
+            max: limits.max_elements,
+        });
+    }
+    Ok(())
 }
 
 fn convert(name: &str, datatype: Datatype, data: &[Scalar]) -> Result<InputValues, InvalidRequest> {
@@ -460,9 +542,15 @@ mod tests {
         }
     }
 
+    /// The agent's defaults: batches up to 64, bodies up to 16 MiB.
+    const LIMITS: ShapeLimits = ShapeLimits {
+        max_batch: 64,
+        max_elements: 8 << 20,
+    };
+
     fn check(json: &str) -> Result<ValidRequest, InvalidRequest> {
         let request: InferRequest = serde_json::from_str(json).expect("request parses");
-        validate(&signature(), request)
+        validate(&signature(), request, LIMITS)
     }
 
     fn error(json: &str) -> String {
@@ -680,6 +768,88 @@ mod tests {
         );
     }
 
+    /// PP-OCR's direction classifier: x FP32 [N, 3, 48, W].
+    fn image_signature() -> Signature {
+        Signature {
+            inputs: vec![spec(
+                "x",
+                Datatype::Fp32,
+                vec![
+                    Dim::Open(Some("N".into())),
+                    Dim::Fixed(3),
+                    Dim::Fixed(48),
+                    Dim::Open(Some("W".into())),
+                ],
+            )],
+            outputs: vec![],
+        }
+    }
+
+    fn image_error(shape: &str, limits: ShapeLimits) -> String {
+        let request: InferRequest = serde_json::from_str(&format!(
+            r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"FP32","data":[]}}]}}"#
+        ))
+        .expect("parses");
+        validate(&image_signature(), request, limits)
+            .expect_err("must be invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn a_huge_batch_is_refused_even_when_the_shape_holds_no_element() {
+        assert_eq!(
+            image_error("[100000000, 3, 48, 0]", LIMITS),
+            "input \"x\": dimension 0 (the batch) is 100000000, more than the agent's --max-batch of 64; send smaller batches"
+        );
+    }
+
+    #[test]
+    fn the_largest_batch_passes_and_one_more_is_refused() {
+        let ids = |batch: usize| {
+            let data = vec!["1"; batch * 4].join(",");
+            format!(r#"{{"name":"ids","shape":[{batch},4],"datatype":"INT32","data":[{data}]}}"#)
+        };
+        let limits = ShapeLimits::new(2, 1 << 20);
+        let request = |batch: usize| {
+            let mask = vec!["true"; batch * 4].join(",");
+            let json = format!(
+                r#"{{"inputs":[{},{{"name":"mask","shape":[{batch},4],"datatype":"BOOL","data":[{mask}]}}]}}"#,
+                ids(batch)
+            );
+            serde_json::from_str::<InferRequest>(&json).expect("parses")
+        };
+        assert!(validate(&signature(), request(2), limits).is_ok());
+        assert_eq!(
+            validate(&signature(), request(3), limits)
+                .expect_err("too large a batch")
+                .to_string(),
+            "input \"ids\": dimension 0 (the batch) is 3, more than the agent's --max-batch of 2; send smaller batches"
+        );
+    }
+
+    #[test]
+    fn open_dimensions_are_bounded_by_what_a_body_can_carry() {
+        // 1000 bytes of body carry at most 500 elements.
+        let limits = ShapeLimits::new(64, 1000);
+        assert_eq!(
+            image_error("[0, 3, 48, 4]", limits),
+            "input \"x\": shape [0, 3, 48, 4] is too large: its dimensions multiply to 576 \
+             (each zero counted as one), more than the 500 elements a request within \
+             --max-body-bytes can carry"
+        );
+        // A zero batch with a width no body could fill, under the default limits.
+        assert!(
+            image_error("[0, 3, 48, 100000000]", LIMITS).contains("is too large"),
+            "refused"
+        );
+        // Within the bounds, a shape with no element is still a valid request.
+        let request: InferRequest = serde_json::from_str(
+            r#"{"inputs":[{"name":"x","shape":[2,3,48,0],"datatype":"FP32","data":[]}]}"#,
+        )
+        .expect("parses");
+        assert!(validate(&image_signature(), request, limits).is_ok());
+    }
+
     #[test]
     fn floats_accept_integers_and_narrow() {
         let signature = Signature {
@@ -699,7 +869,7 @@ mod tests {
                 {"name":"u","shape":[1],"datatype":"UINT8","data":[255]}]}"#,
         )
         .expect("parses");
-        let valid = validate(&signature, request).expect("valid");
+        let valid = validate(&signature, request, LIMITS).expect("valid");
         assert_eq!(valid.inputs[0].values, InputValues::Fp32(vec![1.0, 0.1]));
         assert_eq!(
             valid.inputs[1].values,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use common::{Agent, Rng, model_arg, real_model, status_and_json};
+use common::{Agent, Rng, RssSampler, model_arg, proc_status_kib, real_model, status_and_json};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -157,6 +157,47 @@ fn ppocr_cls_matches_onnxruntime() {
     let agent = Agent::start(&[model_arg("cls", &model)]);
     let mut rng = Rng::new(0x5eed_0002);
     assert_matches_onnxruntime(&agent, "cls", &model, &[ppocr_cls_input(&mut rng, 2)]);
+}
+
+/// A shape of zero elements passes the element count, but a plan for a batch of
+/// 10^8 once took the agent to 8.5 GB. It must be refused before any plan exists.
+#[test]
+fn a_huge_batch_of_zero_elements_is_refused_before_any_plan_is_built() {
+    let model = real_model("SHOAL_TEST_PPOCR_CLS_ONNX");
+    let agent = Agent::start(&[model_arg("cls", &model)]);
+    let pid = agent.pid();
+    let mut rng = Rng::new(0x5eed_0003);
+    // One real request first, so the memory it takes is in the baseline.
+    let warm = agent.post_json(
+        "/v2/models/cls/infer",
+        &infer_request(&[ppocr_cls_input(&mut rng, 1)]),
+    );
+    assert_eq!(warm.status(), 200);
+    let before_kib = proc_status_kib(pid, "VmHWM");
+    let sampler = RssSampler::start(pid);
+    let started = Instant::now();
+    let (status, body) = status_and_json(agent.post_json(
+        "/v2/models/cls/infer",
+        &json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [100000000, 3, 48, 0], "data": []}]}),
+    ));
+    let elapsed = started.elapsed();
+    let peak_kib = sampler.stop().max(proc_status_kib(pid, "VmHWM"));
+    eprintln!(
+        "huge zero-element batch: HTTP {status} in {elapsed:?}; VmHWM {:.1} MiB before, {:.1} MiB after",
+        before_kib as f64 / 1024.0,
+        peak_kib as f64 / 1024.0
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"],
+        "input \"x\": dimension 0 (the batch) is 100000000, more than the agent's --max-batch of 64; send smaller batches"
+    );
+    // The bound is one second; generous here for a busy 2-core machine.
+    assert!(elapsed < Duration::from_secs(5), "the 400 took {elapsed:?}");
+    assert!(
+        peak_kib < before_kib + 100 * 1024,
+        "peak RSS grew from {before_kib} KiB to {peak_kib} KiB"
+    );
 }
 
 #[test]

@@ -17,7 +17,7 @@ use shoal_agent::cache::digest_hex;
 use shoal_api::agent_protocol::{
     AgentReport, Assignment, MAX_LATENCY_BUCKETS, MAX_REPORTED_MODELS,
 };
-use shoal_operator::agent_api::reports::{Agent, ReportIndex, validate_report};
+use shoal_operator::fleet::reports::{Agent, ReportIndex, validate_report};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(report) = serde_json::from_slice::<AgentReport>(data) {
@@ -45,9 +45,13 @@ fuzz_target!(|data: &[u8]| {
                 node,
             };
             let now: jiff::Timestamp = "2025-06-01T13:00:00Z".parse().expect("timestamp");
-            let first = index.record(agent.clone(), report.clone(), now);
+            let first = index
+                .record(agent.clone(), report.clone(), now)
+                .expect("the first report of an agent is kept");
             assert!(first.len() <= report.models.len());
-            let again = index.record(agent, report, now);
+            let again = index
+                .record(agent, report, now)
+                .expect("the same start time again is kept");
             assert!(again.is_empty(), "the same report twice adds {again:?}");
         }
     }

@@ -15,7 +15,7 @@ use std::sync::LazyLock;
 use libfuzzer_sys::fuzz_target;
 use shoal_agent::oip::{Datatype, InferRequest};
 use shoal_agent::signature::{Dim, Signature, TensorSpec};
-use shoal_agent::validation::{InputValues, validate};
+use shoal_agent::validation::{DEFAULT_MAX_BATCH, InputValues, ShapeLimits, validate};
 
 static SIGNATURE: LazyLock<Signature> = LazyLock::new(|| {
     let spec = |name: &str, datatype, dims| TensorSpec {
@@ -81,7 +81,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let signature = &*SIGNATURE;
-    let Ok(valid) = validate(signature, request) else {
+    let Ok(valid) = validate(
+        signature,
+        request,
+        ShapeLimits::new(DEFAULT_MAX_BATCH, 16 << 20),
+    ) else {
         return;
     };
     assert_eq!(valid.inputs.len(), signature.inputs.len());

@@ -3,17 +3,18 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use shoal_operator::agent_api::fleet::Fleet;
 use shoal_operator::agent_api::listener::{AgentApiListener, TlsFiles};
 use shoal_operator::agent_api::{AgentApi, parse_duration_flag};
-use shoal_operator::artifact_store::ArtifactStore;
-use shoal_operator::backoff::Backoff;
-use shoal_operator::context::Context;
-use shoal_operator::edge_pool_daemonset::AgentDefaults;
-use shoal_operator::metrics::Metrics;
-use shoal_operator::{
-    compress_command, edge_pool_controller, fetch, http_server, leader, model_controller, rollout,
-};
+use shoal_operator::artifacts::fetch;
+use shoal_operator::artifacts::store::ArtifactStore;
+use shoal_operator::compression::command as compress_command;
+use shoal_operator::controllers::edge_pool::daemonset::AgentDefaults;
+use shoal_operator::controllers::{edge_pool, model, rollout};
+use shoal_operator::fleet::Fleet;
+use shoal_operator::runtime::backoff::Backoff;
+use shoal_operator::runtime::context::Context;
+use shoal_operator::runtime::metrics::Metrics;
+use shoal_operator::runtime::{http_server, leader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -185,16 +186,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         })?),
         None => None,
     };
+    let agent_defaults = AgentDefaults {
+        control_plane_url: args.agent_api_url,
+        control_plane_ca,
+    };
     let ctx = Arc::new(Context {
         client,
         artifacts,
         http: fetch::http_client()?,
         metrics: metrics.clone(),
         backoff: Backoff::default(),
-        agent_defaults: AgentDefaults {
-            control_plane_url: args.agent_api_url,
-            control_plane_ca,
-        },
         max_model_bytes: args.max_model_bytes,
         compression_slots: tokio::sync::Semaphore::new(args.max_concurrent_compressions.max(1)),
         compression_records: shoal_operator::compression::records::Records::new(&args.artifact_dir),
@@ -268,14 +269,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     tokio::join!(
-        model_controller::run(ctx.clone(), args.namespace.clone(), model_synced),
-        edge_pool_controller::run(
+        model::run(ctx.clone(), args.namespace.clone(), model_synced),
+        edge_pool::run(
             ctx.clone(),
             fleet.clone(),
+            agent_defaults,
             args.namespace.clone(),
             pool_synced
         ),
-        rollout::controller::run(ctx.clone(), fleet, args.namespace.clone(), rollout_synced),
+        rollout::run(ctx.clone(), fleet, args.namespace.clone(), rollout_synced),
     );
     tracing::info!("shoal-operator stopped");
     Ok(())

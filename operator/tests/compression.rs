@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use shoal_api::CompressionMode;
 use shoal_operator::compression::samples::{self, Sample};
 use shoal_operator::compression::{self, CompressError, Compressed, Gate, Granularity, Options};
-use shoal_operator::onnx_signature;
+
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
@@ -170,14 +170,14 @@ fn compress(model: &TestModel, options: &Options) -> Compressed {
 
 /// The inputs the compressor validates `model` on: its dataset, or the same
 /// seeded synthetic inputs.
-fn samples_for(model: &TestModel, count: usize) -> (onnx_signature::Signature, Vec<Sample>) {
-    let signature = onnx_signature::read_signature(&model.bytes).expect("signature");
+fn samples_for(model: &TestModel, count: usize) -> (shoal_signature::Signature, Vec<Sample>) {
+    let signature = shoal_signature::read_signature(&model.bytes).expect("signature");
     let samples = match &model.dataset {
         Some(dataset) => samples::from_dataset(dataset, &signature.inputs, count).expect("dataset"),
         None => {
             let proto = pb::ModelProto::decode(&model.bytes[..]).expect("protobuf");
             let limits = samples::gather_index_limits(&proto);
-            samples::synthetic(&signature.inputs, &limits, count).expect("synthetic")
+            samples::synthetic(&signature.inputs, &limits, count)
         }
     };
     (signature, samples)
@@ -237,7 +237,7 @@ fn tract_outputs(model: &[u8], sample: &Sample) -> Vec<(Vec<usize>, Vec<f64>)> {
 /// The outputs of the model file at `path` in onnxruntime on `sample`, as (shape, values).
 fn onnxruntime_outputs(
     path: &Path,
-    inputs: &[onnx_signature::Tensor],
+    inputs: &[shoal_signature::TensorSpec],
     sample: &Sample,
 ) -> Vec<(Vec<usize>, Vec<f64>)> {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -127,7 +127,10 @@ serve_and_infer() {
   local binary=$1 runner=${2:-} port log=$work/agent.log
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   echo "Starting ${runner:+$runner }$binary on 127.0.0.1:$port with magika"
-  $runner "$binary" --model "magika=$SHOAL_TEST_MAGIKA_ONNX" --listen "127.0.0.1:$port" --workers 1 >"$log" 2>&1 &
+  # Under qemu one inference of magika takes tens of seconds: the check is that the
+  # image serves, not how fast an emulated CPU does, so the request may take 5 min.
+  $runner "$binary" --model "magika=$SHOAL_TEST_MAGIKA_ONNX" --listen "127.0.0.1:$port" --workers 1 \
+    ${runner:+--request-timeout-seconds 300} >"$log" 2>&1 &
   agent_pid=$!
   local deadline=$((SECONDS + 300))
   until curl -fsS "http://127.0.0.1:$port/v2/health/ready" >/dev/null 2>&1; do

@@ -6,14 +6,18 @@
 //! tokens, ask which versions they serve, send them inference requests (one at a
 //! time or as a steady load) and relay their reports to the operator.
 
-use crate::{
-    Agent, KWOK_NODE_KEY, Operator, TestNamespace, client, create_kwok_node, delete_nodes,
-    install_crds, pod_token, wait_for,
+use crate::agent_process::Agent;
+use crate::cluster::{TestNamespace, client, install_crds};
+use crate::credentials::pod_token;
+use crate::kwok_nodes::{create_kwok_node, delete_nodes};
+use crate::model_objects::{
+    self, create_config_map, create_edge_pool, create_model, create_rollout,
 };
+use crate::operator_process::Operator;
+use crate::wait::wait_for;
 use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use shoal_api::agent_protocol::{artifact_path, report_path};
@@ -137,55 +141,24 @@ impl Fleet {
     }
 
     async fn create_objects(&self, spec: &FleetSpec<'_>) -> anyhow::Result<()> {
-        let config_map = ConfigMap {
-            metadata: kube::api::ObjectMeta {
-                name: Some(CONFIG_MAP.into()),
-                ..Default::default()
-            },
-            binary_data: Some(
-                spec.model_files
-                    .iter()
-                    .map(|(key, bytes)| (key.to_string(), ByteString(bytes.clone())))
-                    .collect(),
-            ),
-            ..Default::default()
-        };
-        self.api::<ConfigMap>()
-            .create(&PostParams::default(), &config_map)
-            .await?;
-        let model: Model = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "Model",
-            "metadata": { "name": MODEL },
-            "spec": { "version": "1.0", "source": { "configMap": { "name": CONFIG_MAP, "key": "v1" } } },
-        }))?;
-        self.api::<Model>()
-            .create(&PostParams::default(), &model)
-            .await?;
-        let pools: Vec<&str> = spec.pools.iter().map(|&(pool, _)| pool).collect();
-        for pool in &pools {
-            let pool: EdgePool = serde_json::from_value(json!({
-                "apiVersion": "shoal.dev/v1alpha1", "kind": "EdgePool",
-                "metadata": { "name": pool },
-                "spec": {
-                    "nodeSelector": { "matchLabels": { TEST_LABEL: self.ns(), SITE_LABEL: pool } },
-                    "tolerations": [{ "key": KWOK_NODE_KEY, "operator": "Exists", "effect": "NoSchedule" }],
-                },
-            }))?;
-            self.api::<EdgePool>()
-                .create(&PostParams::default(), &pool)
-                .await?;
-        }
-        // The first rollout of the model: nothing is served yet, so every agent gets
-        // 1.0 at once.
-        let rollout: ModelRollout = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "ModelRollout",
-            "metadata": { "name": ROLLOUT },
-            "spec": { "model": MODEL, "version": "1.0", "pools": pools, "autoRollback": spec.auto_rollback },
-        }))?;
-        self.api::<ModelRollout>()
-            .create(&PostParams::default(), &rollout)
-            .await?;
-        self.wait_model_version("1.0").await
+        let pools: Vec<(&str, Value)> = spec
+            .pools
+            .iter()
+            .map(|&(pool, _)| {
+                let selector =
+                    json!({ "matchLabels": { TEST_LABEL: self.ns(), SITE_LABEL: pool } });
+                (pool, selector)
+            })
+            .collect();
+        create_model_and_pools(
+            &self.client,
+            self.ns(),
+            &spec.model_files,
+            &pools,
+            spec.auto_rollback,
+            WAIT,
+        )
+        .await
     }
 
     /// The test's namespace.
@@ -204,39 +177,20 @@ impl Fleet {
 
     /// Waits until `version` of Model [`MODEL`] is Ready.
     pub async fn wait_model_version(&self, version: &str) -> anyhow::Result<()> {
-        wait_for(&self.api::<Model>(), MODEL, WAIT, |model| {
-            model
-                .status
-                .as_ref()
-                .is_some_and(|s| s.versions.iter().any(|v| v.version == version))
-        })
-        .await
-        .with_context(|| format!("Model {MODEL} version {version} should become Ready"))?;
-        Ok(())
+        model_objects::wait_model_version(&self.api(), MODEL, version, WAIT).await
     }
 
     /// Sets Model [`MODEL`] to `version` from the ConfigMap's key `key` and waits
     /// until that version is Ready. The rollout still says what it said, so no
     /// assignment changes yet.
     pub async fn make_version_ready(&self, version: &str, key: &str) -> anyhow::Result<()> {
-        let patch = json!({ "spec": { "version": version, "source": { "configMap": { "name": CONFIG_MAP, "key": key } } } });
-        self.api::<Model>()
-            .patch(MODEL, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        self.wait_model_version(version).await
+        model_objects::make_version_ready(&self.api(), MODEL, CONFIG_MAP, version, key, WAIT).await
     }
 
     /// Merges `spec` into the spec of rollout [`ROLLOUT`], e.g.
     /// `json!({ "version": "2.0" })`.
     pub async fn patch_rollout(&self, spec: Value) -> anyhow::Result<()> {
-        self.api::<ModelRollout>()
-            .patch(
-                ROLLOUT,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "spec": spec })),
-            )
-            .await?;
-        Ok(())
+        model_objects::patch_rollout(&self.api(), ROLLOUT, spec).await
     }
 
     /// Rollout [`ROLLOUT`] as it is now.
@@ -338,6 +292,47 @@ impl Fleet {
         self.operator.stop().await?;
         self.namespace.delete().await
     }
+}
+
+/// In namespace `ns`: ConfigMap [`CONFIG_MAP`] with `model_files` (key, ONNX bytes),
+/// Model [`MODEL`] at version 1.0 from key `v1`, one EdgePool per entry of `pools`
+/// (name, node selector), and rollout [`ROLLOUT`] of 1.0 to all of them with
+/// `auto_rollback`; then waits (up to `wait`) until 1.0 is Ready. The fleet makes
+/// these objects, and so does the real-node test, whose pools select other nodes.
+pub async fn create_model_and_pools(
+    client: &Client,
+    ns: &str,
+    model_files: &[(&str, Vec<u8>)],
+    pools: &[(&str, Value)],
+    auto_rollback: bool,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let files: Vec<(&str, &[u8])> = model_files
+        .iter()
+        .map(|(key, bytes)| (*key, bytes.as_slice()))
+        .collect();
+    create_config_map(&Api::namespaced(client.clone(), ns), CONFIG_MAP, &files).await?;
+    let models: Api<Model> = Api::namespaced(client.clone(), ns);
+    create_model(
+        &models,
+        MODEL,
+        json!({ "version": "1.0", "source": { "configMap": { "name": CONFIG_MAP, "key": "v1" } } }),
+    )
+    .await?;
+    let edge_pools: Api<EdgePool> = Api::namespaced(client.clone(), ns);
+    for (pool, selector) in pools {
+        create_edge_pool(&edge_pools, pool, selector.clone()).await?;
+    }
+    // The first rollout of the model: nothing is served yet, so every agent gets
+    // 1.0 at once.
+    let names: Vec<&str> = pools.iter().map(|(pool, _)| *pool).collect();
+    create_rollout(
+        &Api::namespaced(client.clone(), ns),
+        ROLLOUT,
+        json!({ "model": MODEL, "version": "1.0", "pools": names, "autoRollback": auto_rollback }),
+    )
+    .await?;
+    model_objects::wait_model_version(&models, MODEL, "1.0", wait).await
 }
 
 /// The ServiceAccount the agent pods of `pool` run as, `shoal-agent-<pool>`.

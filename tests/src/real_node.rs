@@ -4,7 +4,9 @@
 //! what `tests/tests/real_node.rs` drives. Nothing here talks to any address but
 //! 127.0.0.1 and the node's bridge.
 
-use crate::{certificate_for, wait_for, workspace_dir};
+use crate::cluster::workspace_dir;
+use crate::credentials::certificate_for;
+use crate::wait::{wait_for, wait_until_gone};
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -144,8 +146,9 @@ impl RealNode {
     /// The containers' shims keep running meanwhile, as on any containerd restart.
     pub async fn restart_containerd(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let args = crate::stop_recorded_process(&self.state, "containerd").await?;
-        crate::start_recorded_process(&self.state, "containerd", &args)?;
+        let args =
+            crate::recorded_processes::stop_recorded_process(&self.state, "containerd").await?;
+        crate::recorded_processes::start_recorded_process(&self.state, "containerd", &args)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.ctr(&["version"]).await.is_err() {
             ensure!(
@@ -259,7 +262,7 @@ impl Release {
         }))?;
         let volumes = Api::<PersistentVolume>::all(client.clone());
         let _ = volumes.delete(&volume, &DeleteParams::default()).await;
-        crate::wait_until_gone(&volumes, &volume, Duration::from_secs(30)).await?;
+        wait_until_gone(&volumes, &volume, Duration::from_secs(30)).await?;
         volumes
             .create(&PostParams::default(), &persistent_volume)
             .await?;

@@ -5,7 +5,9 @@
 
 use anyhow::{Context as _, ensure};
 use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Patch, PatchParams, PostParams};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -16,9 +18,10 @@ use shoal_api::agent_protocol::{
 };
 use shoal_tests::fleet::{AUDIENCE, CONFIG_MAP, Fleet, FleetSpec, MODEL, agent_service_account};
 use shoal_tests::{
-    KWOK_NODE_KEY, pod_token, serving_certificate, sha256_hex, tiny_onnx_model, unbound_token,
-    wait_for,
+    KWOK_NODE_KEY, Operator, pod_token, serving_certificate, sha256_hex, tiny_onnx_model,
+    unbound_token, wait_for,
 };
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const POOL: &str = "stores";
@@ -35,11 +38,21 @@ fn second_model_bytes() -> Vec<u8> {
 /// Ready Model `ranker` at version 1.0 and a step-less rollout of it to the pool,
 /// whose plan (in its status) already says 1.0.
 async fn start_fleet(prefix: &str, operator_args: &[&str]) -> anyhow::Result<Fleet> {
+    start_fleet_of(prefix, operator_args, &[(POOL, 2)], tiny_onnx_model()).await
+}
+
+/// [`start_fleet`] with other pools (name, node count) and other bytes for 1.0.
+async fn start_fleet_of(
+    prefix: &str,
+    operator_args: &[&str],
+    pools: &[(&str, usize)],
+    v1_bytes: Vec<u8>,
+) -> anyhow::Result<Fleet> {
     let fleet = Fleet::start(FleetSpec {
         prefix,
         operator_args,
-        pools: &[(POOL, 2)],
-        model_files: vec![("v1", tiny_onnx_model())],
+        pools,
+        model_files: vec![("v1", v1_bytes)],
         auto_rollback: true,
         // Longer than the longest long-poll the operator grants (60 s).
         http_timeout: Duration::from_secs(90),
@@ -296,10 +309,20 @@ async fn assignment_long_poll_and_artifact_downloads() -> anyhow::Result<()> {
     )
     .await;
     ensure!(
-        unknown.status() == StatusCode::NOT_FOUND,
-        "{}",
+        unknown.status() == StatusCode::FORBIDDEN,
+        "a digest the node was never assigned is refused: {}",
         unknown.status()
     );
+    // An assigned artifact the store lost: 404.
+    std::fs::remove_file(fleet.operator.artifact_dir().join("sha256").join(&v1_hex))?;
+    let lost = get(
+        &fleet,
+        &artifact_path(&v1_hex),
+        Some(&token),
+        HeaderMap::new(),
+    )
+    .await;
+    ensure!(lost.status() == StatusCode::NOT_FOUND, "{}", lost.status());
     let malformed = get(
         &fleet,
         &artifact_path("not-a-digest"),
@@ -440,6 +463,101 @@ async fn reports_reach_pool_status_and_metrics() -> anyhow::Result<()> {
         )
         .await?;
 
+    fleet.finish().await
+}
+
+/// An agent that names 20,000 made-up versions (more than the 10,000 fleet series
+/// the operator keeps) in its reports: the made-up entries are dropped and counted,
+/// and the version its node is assigned still counts. A report whose start time
+/// goes back is refused and adds nothing.
+#[tokio::test]
+async fn made_up_versions_in_reports_do_not_block_real_counts() -> anyhow::Result<()> {
+    let fleet = start_fleet("agent-api-poison", &[]).await?;
+    let node = fleet.nodes[0].name.clone();
+    let token = fleet.agent_token(&node).await?;
+    let ns = fleet.ns().to_string();
+    let started = k8s_openapi::jiff::Timestamp::now();
+    let made_up = 20_000;
+    let per_report = shoal_api::agent_protocol::MAX_REPORTED_MODELS;
+    let mut poisoned = report(&node, &started.to_string(), "1.0", 0, 0);
+    for first in (0..made_up).step_by(per_report) {
+        poisoned.models = (first..(first + per_report).min(made_up))
+            .map(|i| ModelReport {
+                name: MODEL.into(),
+                version: format!("made-up-{i}"),
+                state: ModelState::Serving,
+                requests: 1,
+                ..Default::default()
+            })
+            .collect();
+        let response = post_report(&fleet, &node, Some(&token), &poisoned).await;
+        ensure!(
+            response.status() == StatusCode::NO_CONTENT,
+            "a report with made-up versions is still taken: {}",
+            response.status()
+        );
+    }
+    let real = report(&node, &started.to_string(), "1.0", 7, 1);
+    let response = post_report(&fleet, &node, Some(&token), &real).await;
+    ensure!(
+        response.status() == StatusCode::NO_CONTENT,
+        "{}",
+        response.status()
+    );
+    let series =
+        format!("{{namespace=\"{ns}\",model=\"{MODEL}\",version=\"1.0\",pool=\"{POOL}\"}}");
+    fleet
+        .operator
+        .wait_for_metric_line(&format!("shoal_fleet_requests_total{series} 7"))
+        .await
+        .context("the assigned version's requests should count")?;
+    let metrics = fleet.operator.metrics().await?;
+    ensure!(
+        !metrics.contains("made-up-"),
+        "no series for a version the node was never assigned"
+    );
+    fleet
+        .operator
+        .wait_for_metric_line(&format!(
+            "shoal_fleet_unassigned_report_entries_total{{namespace=\"{ns}\",pool=\"{POOL}\"}} {made_up}"
+        ))
+        .await?;
+
+    // An earlier start time, as an agent alternating two start times would send:
+    // refused, and its counters are not added.
+    let earlier = started
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_hours(1))?
+        .to_string();
+    let response = post_report(
+        &fleet,
+        &node,
+        Some(&token),
+        &report(&node, &earlier, "1.0", 100, 0),
+    )
+    .await;
+    ensure!(
+        response.status() == StatusCode::BAD_REQUEST,
+        "{}",
+        response.status()
+    );
+    let body: serde_json::Value = json_body(response).await?;
+    ensure!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("agentStartTime") && m.contains("before")),
+        "the 400 says the start time went back: {body}"
+    );
+    let line = format!("shoal_fleet_requests_total{series} 7");
+    let metrics = fleet.operator.metrics().await?;
+    ensure!(
+        metrics.lines().any(|l| l == line),
+        "the refused report added nothing: {}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("shoal_fleet_requests_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     fleet.finish().await
 }
 
@@ -585,6 +703,125 @@ async fn only_a_nodes_own_agent_may_call() -> anyhow::Result<()> {
     fleet.finish().await
 }
 
+/// Copies the blob `hex` from `from`'s artifact store into `to`'s, as replicas that
+/// share a `ReadWriteMany` store see the same blobs.
+fn share_blob(from: &Operator, to: &Operator, hex: &str) -> anyhow::Result<()> {
+    let target = to.artifact_dir().join("sha256");
+    std::fs::create_dir_all(&target)?;
+    std::fs::copy(
+        from.artifact_dir().join("sha256").join(hex),
+        target.join(hex),
+    )
+    .with_context(|| format!("the store of the operator should hold sha256:{hex}"))?;
+    Ok(())
+}
+
+/// An operator watching every namespace, as in production, sees two namespaces:
+/// pool `a` in X serves one artifact, pool `b` in Y another. Each agent may download
+/// its own node's artifact and gets 403, with the reason, for the other's.
+#[tokio::test]
+async fn an_agent_downloads_only_its_nodes_artifacts() -> anyhow::Result<()> {
+    let fleet_x = start_fleet_of("agent-api-art-x", &[], &[("a", 1)], tiny_onnx_model()).await?;
+    let fleet_y = start_fleet_of("agent-api-art-y", &[], &[("b", 1)], second_model_bytes()).await?;
+    let [hex_x, hex_y] = [
+        sha256_hex(&tiny_onnx_model()),
+        sha256_hex(&second_model_bytes()),
+    ];
+    // The cluster-wide operator stays a follower: the Lease it would need is held
+    // for an hour by someone else, so it runs no controller and writes nothing; it
+    // serves the agent API from its watches of every namespace.
+    let lease = Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("shoal-operator".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("the-test".into()),
+            lease_duration_seconds: Some(3600),
+            renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    fleet_x
+        .api::<Lease>()
+        .create(&PostParams::default(), &lease)
+        .await?;
+    let follower = Operator::start_cluster_wide(&[
+        "--leader-elect",
+        "--leader-election-namespace",
+        fleet_x.ns(),
+        "--leader-election-identity",
+        "cluster-wide",
+    ])
+    .await?;
+    share_blob(&fleet_x.operator, &follower, &hex_x)?;
+    share_blob(&fleet_y.operator, &follower, &hex_y)?;
+    let node_x = fleet_x.nodes[0].name.clone();
+    let node_y = fleet_y.nodes[0].name.clone();
+    let token_x = fleet_x.agent_token(&node_x).await?;
+    let token_y = fleet_y.agent_token(&node_y).await?;
+
+    let download = |token: String, hex: String| {
+        let request = fleet_x
+            .http
+            .get(format!(
+                "{}{}",
+                follower.agent_api_url(),
+                artifact_path(&hex)
+            ))
+            .bearer_auth(token);
+        async move { request.send().await.context("the agent API answers") }
+    };
+    // (who, token, digest, status)
+    let cases = [
+        (
+            "pool a's agent, its own artifact",
+            &token_x,
+            &hex_x,
+            StatusCode::OK,
+        ),
+        (
+            "pool b's agent, its own artifact",
+            &token_y,
+            &hex_y,
+            StatusCode::OK,
+        ),
+        (
+            "pool a's agent, pool b's artifact",
+            &token_x,
+            &hex_y,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "pool b's agent, pool a's artifact",
+            &token_y,
+            &hex_x,
+            StatusCode::FORBIDDEN,
+        ),
+    ];
+    for (who, token, hex, want) in cases {
+        let response = download(token.clone(), hex.clone()).await?;
+        let status = response.status();
+        let body = response.bytes().await?;
+        ensure!(
+            status == want,
+            "{who}: expected {want}, got {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        if want == StatusCode::FORBIDDEN {
+            let body: serde_json::Value = serde_json::from_slice(&body)?;
+            let message = body["message"].as_str().unwrap_or_default();
+            ensure!(
+                message.contains("not assigned") && message.contains(&format!("sha256:{hex}")),
+                "{who}: the 403 should say the artifact is not assigned to the node: {body}"
+            );
+        }
+    }
+    follower.stop().await?;
+    fleet_y.finish().await?;
+    fleet_x.finish().await
+}
+
 #[tokio::test]
 async fn agent_api_serves_https_with_the_configured_certificate() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -618,6 +855,100 @@ async fn agent_api_serves_https_with_the_configured_certificate() -> anyhow::Res
     ensure!(
         plain.as_ref().map_or(true, |r| !r.status().is_success()),
         "plain HTTP must not work on the HTTPS listener: {plain:?}"
+    );
+    fleet.finish().await
+}
+
+/// A client that trusts only `ca` and opens a new connection for each request.
+fn https_trusting_only(ca: &Path) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+/// Replaces `to` with `from` in one rename, as a Secret volume swaps its files.
+fn swap_in(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let staged = to.with_extension("staged");
+    std::fs::copy(from, &staged)?;
+    std::fs::rename(&staged, to)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_api_presents_a_renewed_certificate_without_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (old_dir, new_dir) = (dir.path().join("old"), dir.path().join("new"));
+    std::fs::create_dir_all(&old_dir)?;
+    std::fs::create_dir_all(&new_dir)?;
+    let old = serving_certificate(&old_dir)?;
+    let renewed = serving_certificate(&new_dir)?; // another CA, as after a CA rotation
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(&old.cert, &cert)?;
+    std::fs::copy(&old.key, &key)?;
+    let args = [
+        "--tls-cert".to_string(),
+        cert.to_string_lossy().to_string(),
+        "--tls-key".to_string(),
+        key.to_string_lossy().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let fleet = start_fleet("agent-api-tls-reload", &args).await?;
+    let node = fleet.nodes[0].name.clone();
+    let token = fleet.agent_token(&node).await?;
+    let url = format!(
+        "https://{}{}",
+        fleet.operator.agent_api_addr(),
+        assignment_path(&node)
+    );
+    let status_with = |ca: PathBuf| {
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            let client = https_trusting_only(&ca)?;
+            anyhow::Ok(client.get(&url).bearer_auth(&token).send().await?.status())
+        }
+    };
+    ensure!(status_with(old.ca.clone()).await? == StatusCode::OK);
+    ensure!(
+        status_with(renewed.ca.clone()).await.is_err(),
+        "the renewed CA is not trusted for the old certificate"
+    );
+
+    // A half-written renewal (garbage in the certificate file) is not loaded: the
+    // old certificate keeps serving.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n")?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ensure!(
+        status_with(old.ca.clone()).await? == StatusCode::OK,
+        "a renewal that does not load leaves the old certificate serving"
+    );
+
+    swap_in(&renewed.key, &key)?;
+    swap_in(&renewed.cert, &cert)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if status_with(renewed.ca.clone()).await.ok() == Some(StatusCode::OK) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "new handshakes should present the renewed certificate within 15 s; operator log:\n{}",
+            fleet.operator.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    ensure!(
+        status_with(old.ca.clone()).await.is_err(),
+        "new handshakes no longer present the old certificate"
+    );
+    ensure!(
+        fleet
+            .operator
+            .logs()
+            .contains("agent API certificate reloaded"),
+        "the operator logs the reload"
     );
     fleet.finish().await
 }

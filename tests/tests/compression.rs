@@ -10,11 +10,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use shoal_api::{CompressionMode, Model, ModelPhase, ModelVersion};
-use shoal_tests::{
-    Operator, TestNamespace, client, install_crds, magika_onnx, recommender_dir, serve_file,
-    sha256_hex, tiny_onnx_model,
+use shoal_api::{CompressionMode, Model, ModelVersion};
+use shoal_tests::cluster::{TestNamespace, client, install_crds};
+use shoal_tests::file_server::serve_file;
+use shoal_tests::model_objects::{
+    create_model, ready_condition, wait_model_failed, wait_model_ready,
 };
+use shoal_tests::onnx_models::tiny_onnx_model;
+use shoal_tests::operator_process::Operator;
+use shoal_tests::test_models::{magika_onnx, recommender_dir, sha256_hex};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -45,39 +49,16 @@ impl Setup {
     }
 
     async fn create_model(&self, name: &str, spec: serde_json::Value) -> anyhow::Result<()> {
-        let model: Model = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1",
-            "kind": "Model",
-            "metadata": { "name": name },
-            "spec": spec,
-        }))?;
-        self.models().create(&PostParams::default(), &model).await?;
+        create_model(&self.models(), name, spec).await?;
         Ok(())
     }
 
     async fn wait_ready(&self, name: &str, version: &str) -> anyhow::Result<Model> {
-        shoal_tests::wait_for(&self.models(), name, WAIT, |model| {
-            model.status.as_ref().is_some_and(|status| {
-                status.phase == Some(ModelPhase::Ready)
-                    && status.latest_version.as_deref() == Some(version)
-            })
-        })
-        .await
+        wait_model_ready(&self.models(), name, version, WAIT).await
     }
 
     async fn wait_failed(&self, name: &str, reason: &str) -> anyhow::Result<(Model, Condition)> {
-        let model = shoal_tests::wait_for(&self.models(), name, WAIT, |model| {
-            model
-                .status
-                .as_ref()
-                .is_some_and(|status| status.phase == Some(ModelPhase::Failed))
-                && ready_condition(model).is_some_and(|c| c.reason == reason)
-        })
-        .await?;
-        let condition = ready_condition(&model)
-            .cloned()
-            .context("Ready condition")?;
-        Ok((model, condition))
+        wait_model_failed(&self.models(), name, reason, WAIT).await
     }
 
     fn compression_records(&self) -> anyhow::Result<usize> {
@@ -95,15 +76,6 @@ impl Setup {
         self.operator.stop().await?;
         self.namespace.delete().await
     }
-}
-
-fn ready_condition(model: &Model) -> Option<&Condition> {
-    model
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
 }
 
 fn latest_entry(model: &Model) -> anyhow::Result<&ModelVersion> {

@@ -7,15 +7,18 @@ use anyhow::{Context as _, ensure};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
-use shoal_api::{Model, ModelPhase, TensorSpec};
-use shoal_tests::{
-    Operator, TestNamespace, client, install_crds, magika_onnx, ppocr_cls_onnx, serve_file,
-    sha256_hex, tiny_onnx_model,
+use shoal_api::{Model, TensorSpec};
+use shoal_tests::cluster::{TestNamespace, client, install_crds};
+use shoal_tests::file_server::serve_file;
+use shoal_tests::model_objects::{
+    create_config_map, create_model, ready_condition, wait_model_failed, wait_model_ready,
 };
-use std::collections::BTreeMap;
+use shoal_tests::onnx_models::{string_input_onnx_model, tiny_onnx_model};
+use shoal_tests::operator_process::Operator;
+use shoal_tests::test_models::{magika_onnx, ppocr_cls_onnx, sha256_hex};
 use std::path::Path;
 use std::time::Duration;
 
@@ -49,58 +52,39 @@ impl Setup {
         self.namespace.delete().await
     }
 
-    async fn create_config_map(&self, name: &str, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
-        let config_map = ConfigMap {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            binary_data: Some(BTreeMap::from([(
-                key.to_string(),
-                ByteString(bytes.to_vec()),
-            )])),
-            ..Default::default()
-        };
-        self.config_maps
-            .create(&PostParams::default(), &config_map)
-            .await?;
+    /// ConfigMap `config_map` with `bytes` under key `model.onnx`, and Model `model`
+    /// at `version` from it.
+    async fn create_model_from_config_map(
+        &self,
+        config_map: &str,
+        version: &str,
+        bytes: &[u8],
+    ) -> anyhow::Result<()> {
+        create_config_map(&self.config_maps, config_map, &[("model.onnx", bytes)]).await?;
+        self.create_model(json!({
+            "version": version,
+            "source": { "configMap": { "name": config_map, "key": "model.onnx" } },
+        }))
+        .await?;
         Ok(())
     }
 
     async fn create_model(&self, spec: serde_json::Value) -> anyhow::Result<Model> {
-        let model: Model = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1",
-            "kind": "Model",
-            "metadata": { "name": "model" },
-            "spec": spec,
-        }))?;
-        Ok(self.models.create(&PostParams::default(), &model).await?)
+        create_model(&self.models, "model", spec).await
     }
 
     async fn wait_ready(&self, version: &str) -> anyhow::Result<Model> {
-        shoal_tests::wait_for(&self.models, "model", WAIT, |model| {
-            model.status.as_ref().is_some_and(|status| {
-                status.phase == Some(ModelPhase::Ready)
-                    && status.latest_version.as_deref() == Some(version)
-            })
-        })
-        .await
+        wait_model_ready(&self.models, "model", version, WAIT).await
     }
 
-    /// Waits for phase Failed with a Ready=False condition of `reason`; returns the model
-    /// and that condition.
+    /// Waits for phase Failed with a Ready condition of `reason`, which must be False;
+    /// returns the model and that condition.
     async fn wait_failed(&self, reason: &str) -> anyhow::Result<(Model, Condition)> {
-        let model = shoal_tests::wait_for(&self.models, "model", WAIT, |model| {
-            model
-                .status
-                .as_ref()
-                .is_some_and(|status| status.phase == Some(ModelPhase::Failed))
-                && ready_condition(model).is_some_and(|c| c.status == "False" && c.reason == reason)
-        })
-        .await?;
-        let condition = ready_condition(&model)
-            .cloned()
-            .context("the Ready condition")?;
+        let (model, condition) = wait_model_failed(&self.models, "model", reason, WAIT).await?;
+        ensure!(
+            condition.status == "False",
+            "a Failed model's Ready condition is False: {condition:?}"
+        );
         Ok((model, condition))
     }
 
@@ -115,15 +99,6 @@ impl Setup {
         }
         Ok(names)
     }
-}
-
-fn ready_condition(model: &Model) -> Option<&Condition> {
-    model
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
 }
 
 /// How `status.versions[].sourceDigest`/`artifactDigest` and `status.artifactDigest`
@@ -220,13 +195,7 @@ async fn model_from_a_config_map_becomes_ready() -> anyhow::Result<()> {
     let setup = Setup::start("model-configmap").await?;
     let onnx = tiny_onnx_model();
     setup
-        .create_config_map("scorer", "model.onnx", &onnx)
-        .await?;
-    setup
-        .create_model(json!({
-            "version": "1.0",
-            "source": { "configMap": { "name": "scorer", "key": "model.onnx" } },
-        }))
+        .create_model_from_config_map("scorer", "1.0", &onnx)
         .await?;
 
     let model = setup.wait_ready("1.0").await?;
@@ -246,13 +215,7 @@ async fn real_model_with_unnamed_dynamic_dims_becomes_ready() -> anyhow::Result<
     let setup = Setup::start("model-ppocr").await?;
     let onnx = ppocr_cls_onnx()?;
     setup
-        .create_config_map("ppocr-cls", "model.onnx", &onnx)
-        .await?;
-    setup
-        .create_model(json!({
-            "version": "2.0",
-            "source": { "configMap": { "name": "ppocr-cls", "key": "model.onnx" } },
-        }))
+        .create_model_from_config_map("ppocr-cls", "2.0", &onnx)
         .await?;
 
     let model = setup.wait_ready("2.0").await?;
@@ -333,13 +296,7 @@ async fn same_version_with_other_bytes_is_a_version_conflict() -> anyhow::Result
     let setup = Setup::start("model-conflict").await?;
     let original = tiny_onnx_model();
     setup
-        .create_config_map("scorer", "model.onnx", &original)
-        .await?;
-    setup
-        .create_model(json!({
-            "version": "1.0",
-            "source": { "configMap": { "name": "scorer", "key": "model.onnx" } },
-        }))
+        .create_model_from_config_map("scorer", "1.0", &original)
         .await?;
     setup.wait_ready("1.0").await?;
 
@@ -395,13 +352,7 @@ async fn a_file_that_is_not_onnx_fails_with_invalid_model() -> anyhow::Result<()
     let setup = Setup::start("model-invalid").await?;
     let not_onnx = b"this is a text file, not an ONNX model\n".repeat(100);
     setup
-        .create_config_map("notes", "model.onnx", &not_onnx)
-        .await?;
-    setup
-        .create_model(json!({
-            "version": "1.0",
-            "source": { "configMap": { "name": "notes", "key": "model.onnx" } },
-        }))
+        .create_model_from_config_map("notes", "1.0", &not_onnx)
         .await?;
 
     let (_, condition) = setup.wait_failed("InvalidModel").await?;
@@ -418,6 +369,42 @@ async fn a_file_that_is_not_onnx_fails_with_invalid_model() -> anyhow::Result<()
     ensure!(
         stored.is_empty(),
         "an invalid model must not be stored; the store holds {stored:?}"
+    );
+
+    setup.finish().await
+}
+
+/// A model with a string input loads in tract, but no agent serves string tensors:
+/// the operator must refuse it at admission (Failed, never Ready) and say which
+/// tensor is a string and what to do, instead of publishing a model that fails on
+/// every edge node.
+#[tokio::test]
+async fn a_model_with_a_string_input_fails_with_invalid_model() -> anyhow::Result<()> {
+    let setup = Setup::start("model-string-input").await?;
+    setup
+        .create_model_from_config_map("echo", "1.0", &string_input_onnx_model())
+        .await?;
+
+    // Failed is terminal for this version: waiting for it also proves the model
+    // was not Ready first (a Ready model would stay Ready and the wait time out).
+    let (model, condition) = setup.wait_failed("InvalidModel").await?;
+    ensure!(
+        condition.message.contains("input `text`")
+            && condition.message.contains("string")
+            && condition.message.contains("numeric and bool tensors only"),
+        "the message should name the string input and say agents serve numeric and bool \
+         tensors only: {}",
+        condition.message
+    );
+    let status = model.status.as_ref().context("status")?;
+    ensure!(
+        status.latest_version.is_none() && status.artifact_digest.is_none(),
+        "a refused model must publish no version: {status:?}"
+    );
+    let stored = setup.stored_artifacts()?;
+    ensure!(
+        stored.is_empty(),
+        "a refused model must not be stored; the store holds {stored:?}"
     );
 
     setup.finish().await

@@ -21,25 +21,26 @@
 //! in order: each builds on the state the one before left.
 
 use anyhow::{Context as _, ensure};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
 use serde_json::json;
 use shoal_api::agent_protocol::assignment_path;
-use shoal_api::{EdgePool, Model, ModelRollout, RolloutPhase};
+use shoal_api::{EdgePool, ModelRollout, RolloutPhase};
+use shoal_tests::agent_process::Agent;
+use shoal_tests::cluster::{TestNamespace, client, workspace_dir};
+use shoal_tests::credentials::pod_token;
 use shoal_tests::fleet::{
-    AUDIENCE, CONFIG_MAP, Load, MODEL, Outcome, TEST_LABEL, ensure_no_failures, infer,
-    served_versions,
+    AUDIENCE, CONFIG_MAP, Load, MODEL, Outcome, ROLLOUT, TEST_LABEL, create_model_and_pools,
+    ensure_no_failures, infer, served_versions,
 };
+use shoal_tests::kwok_nodes::{create_kwok_node, delete_nodes};
+use shoal_tests::model_objects;
+use shoal_tests::onnx_models::tiny_onnx_model_scaled;
 use shoal_tests::real_node::{NODE_WAIT, RealNode, Release, container_state, pod_ready};
-use shoal_tests::{
-    Agent, KWOK_NODE_KEY, TestNamespace, client, create_kwok_node, delete_nodes, pod_token,
-    tiny_onnx_model_scaled, wait_for, workspace_dir,
-};
+use shoal_tests::wait::wait_for;
 use std::time::{Duration, Instant};
 
-const ROLLOUT: &str = "ranker-rollout";
 /// The pool of the real node, and the pool of the kwok nodes.
 const REAL_POOL: &str = "store";
 const KWOK_POOL: &str = "lanes";
@@ -324,90 +325,34 @@ impl Test {
     /// selecting the real node, EdgePool `lanes` selecting the kwok nodes, and the
     /// first rollout of 1.0 to both.
     async fn create_model_and_pools(&self) -> anyhow::Result<()> {
-        let config_map = ConfigMap {
-            metadata: kube::api::ObjectMeta {
-                name: Some(CONFIG_MAP.into()),
-                ..Default::default()
-            },
-            binary_data: Some(
-                [("v1", 1.0), ("v2", 2.0)]
-                    .into_iter()
-                    .map(|(key, scale)| {
-                        (key.to_string(), ByteString(tiny_onnx_model_scaled(scale)))
-                    })
-                    .collect(),
-            ),
-            ..Default::default()
-        };
-        self.api::<ConfigMap>()
-            .create(&PostParams::default(), &config_map)
-            .await?;
-        let model: Model = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "Model",
-            "metadata": { "name": MODEL },
-            "spec": { "version": "1.0", "source": { "configMap": { "name": CONFIG_MAP, "key": "v1" } } },
-        }))?;
-        self.api::<Model>()
-            .create(&PostParams::default(), &model)
-            .await?;
+        let model_files = [
+            ("v1", tiny_onnx_model_scaled(1.0)),
+            ("v2", tiny_onnx_model_scaled(2.0)),
+        ];
         let (key, value) = &self.node.label;
         let pools = [
-            json!({ "matchLabels": { key: value } }),
-            json!({ "matchLabels": { TEST_LABEL: self.ns } }),
+            (REAL_POOL, json!({ "matchLabels": { key: value } })),
+            (KWOK_POOL, json!({ "matchLabels": { TEST_LABEL: self.ns } })),
         ];
-        for (name, selector) in [REAL_POOL, KWOK_POOL].into_iter().zip(pools) {
-            let pool: EdgePool = serde_json::from_value(json!({
-                "apiVersion": "shoal.dev/v1alpha1", "kind": "EdgePool",
-                "metadata": { "name": name },
-                "spec": {
-                    "nodeSelector": selector,
-                    "tolerations": [{ "key": KWOK_NODE_KEY, "operator": "Exists", "effect": "NoSchedule" }],
-                },
-            }))?;
-            self.api::<EdgePool>()
-                .create(&PostParams::default(), &pool)
-                .await?;
-        }
-        let rollout: ModelRollout = serde_json::from_value(json!({
-            "apiVersion": "shoal.dev/v1alpha1", "kind": "ModelRollout",
-            "metadata": { "name": ROLLOUT },
-            "spec": { "model": MODEL, "version": "1.0", "pools": [REAL_POOL, KWOK_POOL] },
-        }))?;
-        self.api::<ModelRollout>()
-            .create(&PostParams::default(), &rollout)
-            .await?;
-        self.wait_model_version("1.0").await
-    }
-
-    async fn wait_model_version(&self, version: &str) -> anyhow::Result<()> {
-        wait_for(&self.api::<Model>(), MODEL, NODE_WAIT, |model| {
-            model
-                .status
-                .as_ref()
-                .is_some_and(|s| s.versions.iter().any(|v| v.version == version))
-        })
+        // autoRollback true is the CRD's default.
+        create_model_and_pools(
+            &self.client,
+            &self.ns,
+            &model_files,
+            &pools,
+            true,
+            NODE_WAIT,
+        )
         .await
-        .with_context(|| format!("Model {MODEL} {version} should become Ready"))?;
-        Ok(())
     }
 
     async fn make_version_ready(&self, version: &str, key: &str) -> anyhow::Result<()> {
-        let patch = json!({ "spec": { "version": version, "source": { "configMap": { "name": CONFIG_MAP, "key": key } } } });
-        self.api::<Model>()
-            .patch(MODEL, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        self.wait_model_version(version).await
+        model_objects::make_version_ready(&self.api(), MODEL, CONFIG_MAP, version, key, NODE_WAIT)
+            .await
     }
 
     async fn patch_rollout(&self, spec: serde_json::Value) -> anyhow::Result<()> {
-        self.api::<ModelRollout>()
-            .patch(
-                ROLLOUT,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "spec": spec })),
-            )
-            .await?;
-        Ok(())
+        model_objects::patch_rollout(&self.api(), ROLLOUT, spec).await
     }
 
     async fn wait_rollout_succeeded(&self, version: &str, release: &Release) -> anyhow::Result<()> {

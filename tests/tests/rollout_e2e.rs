@@ -16,17 +16,20 @@
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use shoal_api::{ModelRollout, RolloutPhase};
+use shoal_api::{Model, ModelRollout, RolloutPhase};
+use shoal_tests::agent_process::Agent;
+use shoal_tests::binaries::{kubectl_shoal_binary, shoal_agent_binary};
+use shoal_tests::cluster::kubeconfig_path;
 use shoal_tests::fleet::{
-    Fleet, FleetSpec, MODEL, ROLLOUT, TOKENS, WAIT, infer_body, served_versions,
+    CONFIG_MAP, Fleet, FleetSpec, MODEL, ROLLOUT, TOKENS, WAIT, infer_body, served_versions,
 };
-use shoal_tests::{
-    Agent, bytes_field, free_port, kubeconfig_path, kubectl_shoal_binary, message,
-    scorer_onnx_model, shoal_agent_binary, start_control_plane_process, stop_control_plane_process,
-    tiny_onnx_model_scaled, varint_field,
+use shoal_tests::onnx_models::{
+    bytes_field, float_tensor, message, scorer_onnx_model, tiny_onnx_model_scaled, varint_field,
 };
+use shoal_tests::ports::free_port;
+use shoal_tests::recorded_processes::{start_control_plane_process, stop_control_plane_process};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,7 +62,6 @@ fn analysis_spec() -> Value {
 /// the agent's blocking inference task ends with that panic and the agent answers
 /// 500 ("the inference worker failed") and counts an error, request after request.
 fn bad_onnx_model() -> Vec<u8> {
-    const FLOAT: u64 = 1;
     const INT64: u64 = 7;
     // AttributeProto {name: 1, i: 3, ints: 8, type: 20 (INT = 2, INTS = 7)}.
     let int_attribute = |name: &str, value: u64| {
@@ -106,17 +108,7 @@ fn bad_onnx_model() -> Vec<u8> {
         "ReduceMax",
         &[axes, int_attribute("keepdims", 0)],
     );
-    let values: Vec<u8> = [0.5f32, 0.25, 0.125]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let table = message(&[
-        varint_field(1, 1),
-        varint_field(1, 3),
-        varint_field(2, FLOAT),
-        bytes_field(8, b"table"),
-        bytes_field(9, &values),
-    ]);
+    let table = float_tensor("table", &[1, 3], &[0.5, 0.25, 0.125]);
     scorer_onnx_model("bad-scorer", &[cast, gather, reduce], &table)
 }
 
@@ -267,18 +259,35 @@ impl Setup {
         }
         let setup = Setup { fleet, agents };
         setup.wait_all_serving(V1).await?;
-        setup
-            .fleet
-            .wait_rollout("Succeeded at 1.0", |s| {
-                s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V1)
-            })
-            .await?;
+        setup.wait_succeeded("Succeeded at 1.0", V1).await?;
         eprintln!(
             "[{}] setup: 5 agents serve {V1} after {:.1}s",
             setup.fleet.ns(),
             started.elapsed().as_secs_f64()
         );
         Ok(setup)
+    }
+
+    /// Waits until the rollout is Succeeded with `version` stable; `what` names that
+    /// state in the error.
+    async fn wait_succeeded(&self, what: &str, version: &str) -> anyhow::Result<ModelRollout> {
+        self.fleet
+            .wait_rollout(what, |s| {
+                s.phase == Some(RolloutPhase::Succeeded)
+                    && s.stable_version.as_deref() == Some(version)
+            })
+            .await
+    }
+
+    /// Waits until the rollout holds 2.0 as its canary, Paused at step index 1.
+    async fn wait_canary_paused_at_step_1(&self, what: &str) -> anyhow::Result<ModelRollout> {
+        self.fleet
+            .wait_rollout(what, |s| {
+                s.canary_version.as_deref() == Some(V2)
+                    && s.phase == Some(RolloutPhase::Paused)
+                    && s.current_step == Some(1)
+            })
+            .await
     }
 
     fn targets(&self) -> Vec<AgentTarget> {
@@ -431,6 +440,15 @@ impl Setup {
     }
 }
 
+/// [`Setup::start`], then the watcher of the versions in `plan` and the load on
+/// every agent.
+async fn start_watched(prefix: &str, plan: &[&str]) -> anyhow::Result<(Setup, Watch, Load)> {
+    let setup = Setup::start(prefix).await?;
+    let watch = Watch::start(&setup.targets(), plan, setup.fleet.api());
+    let load = Load::start(&setup.targets());
+    Ok((setup, watch, load))
+}
+
 fn status_json(rollout: Option<&ModelRollout>) -> String {
     rollout
         .and_then(|r| r.status.as_ref())
@@ -497,6 +515,18 @@ impl Load {
             other,
             clients,
         }
+    }
+
+    /// Stops the clients and fails if any request was not answered 200 (`what`
+    /// begins the error: "no request failed across the restart"); else the number of
+    /// requests.
+    async fn finish_without_failures(self, what: &str) -> anyhow::Result<u64> {
+        let (ok, server_errors, other) = self.finish().await;
+        ensure!(
+            server_errors == 0 && other == 0,
+            "{what}: {ok} ok, {server_errors} 5xx, {other} other"
+        );
+        Ok(ok)
     }
 
     /// Stops the clients: (200s, 5xx, anything else).
@@ -704,9 +734,7 @@ async fn wait_all_on(setup: &Setup, watch: &Watch, version: &str) -> anyhow::Res
 #[tokio::test]
 async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
-    let setup = Setup::start("ro-canary").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
-    let load = Load::start(&setup.targets());
+    let (setup, watch, load) = start_watched("ro-canary", &[V1, V2]).await?;
 
     let steps = json!([
         { "setWeight": 20 },
@@ -724,12 +752,7 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
     // At weight 20 (the setWeight 20 step done, through the pause and the first
     // analysis): one store and one warehouse serve 2.0, seen on the agents.
     setup
-        .fleet
-        .wait_rollout("Paused at step index 1 (pause 2s)", |s| {
-            s.canary_version.as_deref() == Some(V2)
-                && s.phase == Some(RolloutPhase::Paused)
-                && s.current_step == Some(1)
-        })
+        .wait_canary_paused_at_step_1("Paused at step index 1 (pause 2s)")
         .await?;
     let mut samples = 0;
     for _ in 0..6 {
@@ -761,12 +784,7 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
     );
 
     let all_on_v2 = wait_all_on(&setup, &watch, V2).await?;
-    let rollout = setup
-        .fleet
-        .wait_rollout("Succeeded at 2.0", |s| {
-            s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
-        })
-        .await?;
+    let rollout = setup.wait_succeeded("Succeeded at 2.0", V2).await?;
     let took = all_on_v2.duration_since(patched);
     eprintln!(
         "canary_steps_analysis_then_everyone: spec.version patched -> every agent serving {V2} in \
@@ -809,11 +827,9 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
         events.iter().map(|(_, r, _)| r).collect::<Vec<_>>()
     );
 
-    let (ok, server_errors, other) = load.finish().await;
-    ensure!(
-        server_errors == 0 && other == 0,
-        "no request failed between 1.0 and 2.0: {ok} ok, {server_errors} 5xx, {other} other"
-    );
+    let ok = load
+        .finish_without_failures("no request failed between 1.0 and 2.0")
+        .await?;
     eprintln!("load: {ok} requests, all 200");
     watch.finish().await?;
     setup.finish().await
@@ -822,9 +838,7 @@ async fn canary_steps_analysis_then_everyone() -> anyhow::Result<()> {
 #[tokio::test]
 async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
-    let setup = Setup::start("ro-rollback").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V3], setup.fleet.api());
-    let load = Load::start(&setup.targets());
+    let (setup, watch, load) = start_watched("ro-rollback", &[V1, V3]).await?;
 
     setup
         .fleet
@@ -926,9 +940,7 @@ async fn bad_canary_is_rolled_back_automatically() -> anyhow::Result<()> {
 #[tokio::test]
 async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
-    let mut setup = Setup::start("ro-restart").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
-    let load = Load::start(&setup.targets());
+    let (mut setup, watch, load) = start_watched("ro-restart", &[V1, V2]).await?;
 
     setup
         .fleet
@@ -938,12 +950,7 @@ async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> an
         }))
         .await?;
     let paused = setup
-        .fleet
-        .wait_rollout("Paused at step index 1 (until promoted)", |s| {
-            s.canary_version.as_deref() == Some(V2)
-                && s.phase == Some(RolloutPhase::Paused)
-                && s.current_step == Some(1)
-        })
+        .wait_canary_paused_at_step_1("Paused at step index 1 (until promoted)")
         .await?;
     let canaries = setup.nodes_serving(V2).await;
     let counts: Vec<usize> = canaries.values().map(BTreeSet::len).collect();
@@ -1015,21 +1022,16 @@ async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> an
     let promoted = setup.kubectl_shoal(&["promote", ROLLOUT]).await?;
     ensure!(promoted.contains("promote"), "{promoted}");
     setup
-        .fleet
-        .wait_rollout("Succeeded at 2.0 after the promote", |s| {
-            s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
-        })
+        .wait_succeeded("Succeeded at 2.0 after the promote", V2)
         .await?;
     setup.wait_all_serving(V2).await?;
     setup
         .wait_events(ROLLOUT, &["Promoted", "Succeeded"])
         .await?;
 
-    let (ok, server_errors, other) = load.finish().await;
-    ensure!(
-        server_errors == 0 && other == 0,
-        "no request failed across the restart: {ok} ok, {server_errors} 5xx, {other} other"
-    );
+    let ok = load
+        .finish_without_failures("no request failed across the restart")
+        .await?;
     eprintln!("load: {ok} requests, all 200");
     watch.finish().await?;
     setup.finish().await
@@ -1038,20 +1040,13 @@ async fn restart_mid_rollout_resumes_and_waits_for_kubectl_shoal_promote() -> an
 #[tokio::test]
 async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
-    let setup = Setup::start("ro-undo").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
-    let load = Load::start(&setup.targets());
+    let (setup, watch, load) = start_watched("ro-undo", &[V1, V2]).await?;
 
     setup
         .fleet
         .patch_rollout(json!({ "version": V2, "steps": [ { "setWeight": 50 } ] }))
         .await?;
-    setup
-        .fleet
-        .wait_rollout("Succeeded at 2.0", |s| {
-            s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
-        })
-        .await?;
+    setup.wait_succeeded("Succeeded at 2.0", V2).await?;
     setup.wait_all_serving(V2).await?;
 
     let undone = setup.kubectl_shoal(&["undo", ROLLOUT]).await?;
@@ -1079,11 +1074,103 @@ async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Re
         "the history records 1.0 Succeeded from 2.0: {history:?}"
     );
 
-    let (ok, server_errors, other) = load.finish().await;
+    load.finish_without_failures("no request failed").await?;
+    watch.finish().await?;
+    setup.finish().await
+}
+
+/// A Model published again while a rollout is paused keeps the versions the
+/// rollout still uses, beyond revisionHistoryLimit: the nodes outside the canary go
+/// on serving the stable version, and an abort still has it to go back to.
+#[tokio::test]
+async fn a_new_publish_never_trims_a_version_a_paused_rollout_still_serves() -> anyhow::Result<()> {
+    let _shared = CONTROL_PLANE.read().await;
+    let (setup, watch, load) = start_watched("ro-trim", &[V1, V2]).await?;
+    setup
+        .fleet
+        .patch_rollout(json!({
+            "version": V2,
+            "steps": [ { "setWeight": 40 }, { "pause": {} }, { "setWeight": 100 } ],
+        }))
+        .await?;
+    setup
+        .wait_canary_paused_at_step_1("Paused at step index 1 (until promoted)")
+        .await?;
+    let canaries: usize = setup
+        .nodes_serving(V2)
+        .await
+        .values()
+        .map(BTreeSet::len)
+        .sum();
     ensure!(
-        server_errors == 0 && other == 0,
-        "no request failed: {ok} ok, {server_errors} 5xx, {other} other"
+        canaries > 0 && canaries < setup.agents.len(),
+        "some but not all nodes serve the canary: {:?}",
+        setup.served().await
     );
+
+    // The history now holds 1.0, 2.0 and 3.0; with a limit of 2, publishing 4.0
+    // would keep only 3.0 and 4.0 if trimming ignored the rollout.
+    let models = setup.fleet.api::<Model>();
+    models
+        .patch(
+            MODEL,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "spec": {
+                "revisionHistoryLimit": 2,
+                "version": "4.0",
+                "source": { "configMap": { "name": CONFIG_MAP, "key": "v1" } },
+            } })),
+        )
+        .await?;
+    setup.fleet.wait_model_version("4.0").await?;
+    let status = models.get(MODEL).await?.status.unwrap_or_default();
+    let kept: Vec<&str> = status.versions.iter().map(|v| v.version.as_str()).collect();
+    ensure!(
+        kept.contains(&V1) && kept.contains(&V2) && kept.contains(&"4.0"),
+        "the history keeps the stable 1.0 and the canary 2.0 beside 4.0: {kept:?}"
+    );
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        ready.contains("more than revisionHistoryLimit 2")
+            && ready.contains("ModelRollouts still use"),
+        "Ready says why the history is longer than the limit: {ready}"
+    );
+
+    // Several assignment polls later, the nodes outside the canary still serve 1.0.
+    let stable_nodes = setup.agents.len() - canaries;
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let on_stable: usize = setup
+            .nodes_serving(V1)
+            .await
+            .values()
+            .map(BTreeSet::len)
+            .sum();
+        ensure!(
+            on_stable == stable_nodes,
+            "{stable_nodes} node(s) should serve {V1} after the publish, {on_stable} do: {:?}; operator log:\n{}",
+            setup.served().await,
+            setup.fleet.operator.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let aborted = setup.kubectl_shoal(&["abort", ROLLOUT]).await?;
+    eprintln!("kubectl shoal abort: {aborted}");
+    setup
+        .fleet
+        .wait_rollout("Aborted back to 1.0", |s| {
+            s.phase == Some(RolloutPhase::Aborted) && s.stable_version.as_deref() == Some(V1)
+        })
+        .await?;
+    setup.wait_all_serving(V1).await?;
+
+    load.finish_without_failures("no request failed").await?;
     watch.finish().await?;
     setup.finish().await
 }
@@ -1091,9 +1178,7 @@ async fn undo_returns_a_finished_rollout_to_the_previous_version() -> anyhow::Re
 #[tokio::test]
 async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
-    let setup = Setup::start("ro-conflict").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
-    let load = Load::start(&setup.targets());
+    let (setup, watch, load) = start_watched("ro-conflict", &[V1, V2]).await?;
 
     setup
         .fleet
@@ -1103,12 +1188,7 @@ async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Res
         }))
         .await?;
     setup
-        .fleet
-        .wait_rollout("Paused until promoted", |s| {
-            s.canary_version.as_deref() == Some(V2)
-                && s.phase == Some(RolloutPhase::Paused)
-                && s.current_step == Some(1)
-        })
+        .wait_canary_paused_at_step_1("Paused until promoted")
         .await?;
     let canaries = setup.nodes_serving(V2).await;
 
@@ -1158,11 +1238,7 @@ async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Res
         "the first rollout still holds at its pause: {first:?}"
     );
 
-    let (ok, server_errors, other) = load.finish().await;
-    ensure!(
-        server_errors == 0 && other == 0,
-        "no request failed: {ok} ok, {server_errors} 5xx, {other} other"
-    );
+    load.finish_without_failures("no request failed").await?;
     watch.finish().await?;
     setup.finish().await
 }
@@ -1173,10 +1249,8 @@ async fn a_second_rollout_of_the_same_model_and_pool_is_refused() -> anyhow::Res
 #[tokio::test]
 async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> anyhow::Result<()> {
     let _alone = CONTROL_PLANE.write().await;
-    let mut setup = Setup::start("ro-apiserver").await?;
+    let (mut setup, watch, load) = start_watched("ro-apiserver", &[V1, V2]).await?;
     let operator_pid = setup.fleet.operator.pid();
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
-    let load = Load::start(&setup.targets());
     setup
         .fleet
         .patch_rollout(json!({
@@ -1218,21 +1292,16 @@ async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> 
     );
 
     setup
-        .fleet
-        .wait_rollout("Succeeded at 2.0 after the restart", |s| {
-            s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
-        })
+        .wait_succeeded("Succeeded at 2.0 after the restart", V2)
         .await?;
     setup.wait_all_serving(V2).await?;
     ensure!(
         setup.fleet.operator.is_alive() && setup.fleet.operator.pid() == operator_pid,
         "the operator recovered without a restart of its own"
     );
-    let (ok, server_errors, other) = load.finish().await;
-    ensure!(
-        server_errors == 0 && other == 0,
-        "no inference failed while the control plane was down: {ok} ok, {server_errors} 5xx, {other} other"
-    );
+    let ok = load
+        .finish_without_failures("no inference failed while the control plane was down")
+        .await?;
     eprintln!(
         "control plane restart: rollout Succeeded {:.1}s after the API server went down; {ok} requests, all 200",
         down.elapsed().as_secs_f64()
@@ -1247,9 +1316,7 @@ async fn api_server_and_etcd_restart_mid_rollout_and_the_operator_recovers() -> 
 #[tokio::test]
 async fn operator_killed_repeatedly_mid_rollout_stays_within_the_plan() -> anyhow::Result<()> {
     let _shared = CONTROL_PLANE.read().await;
-    let mut setup = Setup::start("ro-kills").await?;
-    let watch = Watch::start(&setup.targets(), &[V1, V2], setup.fleet.api());
-    let load = Load::start(&setup.targets());
+    let (mut setup, watch, load) = start_watched("ro-kills", &[V1, V2]).await?;
     setup
         .fleet
         .patch_rollout(json!({
@@ -1285,17 +1352,11 @@ async fn operator_killed_repeatedly_mid_rollout_stays_within_the_plan() -> anyho
     }
     eprintln!("operator killed after: {}", kills.join(", "));
     setup
-        .fleet
-        .wait_rollout("Succeeded at 2.0 despite the kills", |s| {
-            s.phase == Some(RolloutPhase::Succeeded) && s.stable_version.as_deref() == Some(V2)
-        })
+        .wait_succeeded("Succeeded at 2.0 despite the kills", V2)
         .await?;
     setup.wait_all_serving(V2).await?;
-    let (ok, server_errors, other) = load.finish().await;
-    ensure!(
-        server_errors == 0 && other == 0,
-        "no request failed across the kills: {ok} ok, {server_errors} 5xx, {other} other"
-    );
+    load.finish_without_failures("no request failed across the kills")
+        .await?;
     watch.finish().await?;
     setup.finish().await
 }

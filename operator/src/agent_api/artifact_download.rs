@@ -1,6 +1,7 @@
-//! `GET /agent/v1/artifacts/sha256/{hex}`: streams a blob of the artifact store. A
-//! blob never changes under its digest, so it is cacheable forever, and `Range`
-//! lets an agent resume a broken download.
+//! `GET /agent/v1/artifacts/sha256/{hex}`: streams a blob of the artifact store to
+//! an agent whose node is assigned it (now, or within the last hour). A blob never
+//! changes under its digest, so it is cacheable forever, and `Range` lets an agent
+//! resume a broken download.
 
 use crate::agent_api::byte_range::{ByteRange, parse_range};
 use crate::agent_api::{AgentApi, ApiError};
@@ -8,6 +9,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use k8s_openapi::jiff::Timestamp;
 use std::io::SeekFrom;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
@@ -19,12 +21,26 @@ pub async fn artifact(
     Path(hex): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    api.authenticate(&headers, None).await?;
+    let agent = api.authenticate(&headers, None).await?;
     if !is_sha256_hex(&hex) {
         return Err(ApiError::bad_request(format!(
             "{:?} is not a sha256 digest: use the 64 lowercase hex characters after `sha256:` in the assignment's artifactDigest",
             hex.chars().take(80).collect::<String>()
         )));
+    }
+    // Artifacts are a namespace's models: an agent gets only what its own node is
+    // assigned, whether or not the store holds the digest.
+    if !api
+        .fleet
+        .may_download(&agent, &format!("sha256:{hex}"), Timestamp::now())
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "artifact sha256:{hex} is not assigned to node {} (pool {}/{}) now or in the last hour; an agent downloads only the artifacts its assignment names: ask for the assignment again",
+                agent.node, agent.namespace, agent.pool
+            ),
+        ));
     }
     let path = api
         .artifacts

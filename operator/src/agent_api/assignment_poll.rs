@@ -2,11 +2,12 @@
 //! once when the assignment differs from the agent's `If-None-Match`, else waits up
 //! to N seconds for the cluster view to change and answers 304 if nothing did.
 
-use crate::agent_api::assignment::{assignment_etag, etag_matches};
 use crate::agent_api::{AgentApi, ApiError};
+use crate::placement::assignment::{assignment_etag, etag_matches};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 use shoal_api::agent_protocol::{Assignment, MAX_WAIT_SECONDS};
 use std::time::Duration;
@@ -38,8 +39,10 @@ pub async fn assignment(
     let mut seen = *changes.borrow_and_update();
     let mut in_flight = None;
     loop {
-        let assignment = cluster
-            .assignment(&agent.namespace, &agent.pool, &agent.node)
+        // Noted as assigned: what the agent may download and report from now on.
+        let assignment = api
+            .fleet
+            .assignment_for(&agent, Timestamp::now())
             .ok_or_else(ApiError::not_synced)?;
         let etag = assignment_etag(&assignment);
         if !etag_matches(if_none_match, &etag) {

@@ -2,13 +2,13 @@
 //! token its pod mounts (audience `shoal`); the API server vouches for it through a
 //! TokenReview, and the rule in [`authorize`] decides which agent, if any, it is.
 
-use crate::agent_api::reports::Agent;
 use crate::agent_api::token_cache::{ACCEPTED_TTL, CAPACITY, REJECTED_TTL, TokenCache};
-use crate::metrics::Metrics;
+use crate::fleet::reports::Agent;
+use crate::runtime::metrics::Metrics;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
 use kube::{Api, Client};
-use shoal_api::agent_protocol::TOKEN_AUDIENCE;
+use shoal_api::agent_protocol::{AGENT_ACCOUNT_PREFIX, TOKEN_AUDIENCE};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -17,9 +17,6 @@ use tokio::sync::Semaphore;
 /// the node the pod runs on.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
-/// A pool's agents run as the ServiceAccount `shoal-agent-<pool>`
-/// (`edge_pool_daemonset::daemon_set_name`).
-const AGENT_ACCOUNT_PREFIX: &str = "shoal-agent-";
 const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 /// TokenReviews in flight at once: a fleet that reconnects together (after an
 /// operator restart) must not flood the API server.
@@ -280,14 +277,6 @@ mod tests {
     }
 
     const AGENT: &str = "system:serviceaccount:shop:shoal-agent-stores";
-
-    #[test]
-    fn agent_accounts_are_named_like_the_pools_daemon_set() {
-        assert_eq!(
-            crate::edge_pool_daemonset::daemon_set_name("stores"),
-            format!("{AGENT_ACCOUNT_PREFIX}stores")
-        );
-    }
 
     #[test]
     fn bearer_header_forms() {

@@ -7,26 +7,19 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
+
+use super::certificate::ReloadingCertificate;
+pub use super::certificate::TlsFiles;
 
 /// A client that has not finished its TLS handshake, or sent its request headers,
 /// within this long is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// PEM files of the serving certificate (chain) and its private key.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
 
 pub struct AgentApiListener {
     listener: TcpListener,
@@ -104,37 +97,16 @@ async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {
     }
 }
 
-/// A TLS acceptor for HTTP/1.1 from PEM files, with rustls' ring provider.
+/// A TLS acceptor for HTTP/1.1 from PEM files, with rustls' ring provider. The
+/// files are read again when they change ([`ReloadingCertificate`]).
 pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|certs| certs.collect())
-        .with_context(|| {
-            format!(
-                "cannot read the agent API certificate {} (--tls-cert): it must be a PEM file",
-                files.cert.display()
-            )
-        })?;
-    if certs.is_empty() {
-        bail!(
-            "the agent API certificate {} (--tls-cert) holds no CERTIFICATE block",
-            files.cert.display()
-        );
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
-        format!(
-            "cannot read the agent API private key {} (--tls-key): it must be a PEM private key",
-            files.key.display()
-        )
-    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certificate = ReloadingCertificate::new(files.clone(), provider.clone())?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("rustls has no safe protocol versions for the ring provider")?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context(
-            "the agent API certificate (--tls-cert) and key (--tls-key) do not belong together",
-        )?;
+        .with_cert_resolver(Arc::new(certificate));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -1,4 +1,4 @@
-//! The agent API (DESIGN.md §4): what edge agents dial home to, under `/agent/v1` on
+//! The agent API: what edge agents dial home to, under `/agent/v1` on
 //! a listener of its own. Assignment long-polls, artifact downloads and reports,
 //! each authenticated with the agent's projected ServiceAccount token.
 //!
@@ -6,24 +6,19 @@
 //! `authentication.k8s.io`) for this; the chart's ClusterRole must grant it.
 
 pub mod artifact_download;
-pub mod assignment;
 pub mod assignment_poll;
 pub mod auth;
 pub mod byte_range;
-pub mod cluster_view;
-pub mod counter_deltas;
-pub mod fleet;
+pub mod certificate;
 pub mod listener;
-pub mod pool_agents;
 pub mod report_intake;
-pub mod reports;
 pub mod token_cache;
 
 use crate::agent_api::auth::{AuthError, TokenReviewer, authorize, bearer_token};
-use crate::agent_api::fleet::Fleet;
-use crate::agent_api::reports::Agent;
-use crate::artifact_store::ArtifactStore;
-use crate::metrics::Metrics;
+use crate::artifacts::store::ArtifactStore;
+use crate::fleet::Fleet;
+use crate::fleet::reports::Agent;
+use crate::runtime::metrics::Metrics;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};

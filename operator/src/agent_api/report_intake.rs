@@ -1,10 +1,11 @@
-//! `POST /agent/v1/nodes/{node}/report`: takes an agent's report, keeps it as the
-//! agent's latest and adds what is new in its counters to the fleet totals. Pool
-//! status is written later, coalesced (see `fleet`), never per report.
+//! `POST /agent/v1/nodes/{node}/report`: takes an agent's report, drops the entries
+//! of model versions its node was not assigned, keeps the rest as the agent's latest
+//! and adds what is new in its counters to the fleet totals. Pool status is written
+//! later, coalesced (see `fleet`), never per report.
 
-use crate::agent_api::reports::validate_report;
 use crate::agent_api::{AgentApi, ApiError};
-use crate::metrics::FleetLabels;
+use crate::fleet::reports::{keep_assigned, validate_report};
+use crate::runtime::metrics::FleetLabels;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -32,10 +33,31 @@ pub async fn report(
         ApiError::bad_request(format!("the body is not an AgentReport in JSON: {error}"))
     })?;
     let report = validate_report(report, &node).map_err(ApiError::bad_request)?;
+    // Only versions the node is (or lately was) assigned reach the fleet state: a
+    // report naming made-up versions would otherwise fill the fleet series.
+    let now = Timestamp::now();
+    api.fleet
+        .assignment_for(&agent, now)
+        .ok_or_else(ApiError::not_synced)?;
+    let (report, unassigned) = keep_assigned(report, |model, version| {
+        api.fleet.assigned.has_version(&agent, model, version, now)
+    });
     let deltas = api
         .fleet
         .reports
-        .record(agent.clone(), report, Timestamp::now());
+        .record(agent.clone(), report, now)
+        .map_err(ApiError::bad_request)?;
+    if unassigned > 0 {
+        tracing::debug!(
+            node = %agent.node,
+            pool = %agent.pool,
+            namespace = %agent.namespace,
+            entries = unassigned,
+            "a report names model versions its node was not assigned; they are dropped"
+        );
+        api.metrics
+            .unassigned_report_entries(&agent.namespace, &agent.pool, unassigned as u64);
+    }
     for delta in deltas {
         let labels = FleetLabels {
             namespace: agent.namespace.clone(),

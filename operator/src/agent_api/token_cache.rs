@@ -83,9 +83,7 @@ impl<T: Clone> TokenCache<T> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Entry<T>>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::runtime::lock(&self.entries)
     }
 }
 

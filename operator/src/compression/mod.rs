@@ -5,6 +5,7 @@
 //! Used by the Model controller and by `shoal-operator compress`. Synchronous and
 //! CPU-heavy: async callers run it in `spawn_blocking`.
 
+pub mod command;
 pub mod records;
 pub mod samples;
 pub mod validation;
@@ -17,8 +18,8 @@ use serde::Serialize;
 use shoal_api::{CompressionMode, ValidationFigures};
 use tract_onnx::pb;
 
-use crate::artifact_store::sha256_hex;
-use crate::onnx_signature::{self, InvalidModel};
+use crate::artifacts::store::sha256_hex;
+use shoal_signature::InvalidModel;
 pub use validation::Gate;
 pub use weights::Granularity;
 
@@ -97,11 +98,13 @@ impl CompressError {
     /// A short, fixed label for metrics and condition reasons.
     pub fn reason(&self) -> &'static str {
         match self {
-            CompressError::NothingToDo => "NothingToCompress",
-            CompressError::InvalidInput(_) => "InvalidModel",
-            CompressError::Weights(_) => "CompressionFailed",
-            CompressError::Samples(_) => "InvalidValidationDataset",
-            CompressError::Validation(_) => "ValidationFailed",
+            CompressError::NothingToDo => crate::runtime::conditions::model::NOTHING_TO_COMPRESS,
+            CompressError::InvalidInput(_) => crate::runtime::conditions::model::INVALID_MODEL,
+            CompressError::Weights(_) => crate::runtime::conditions::model::COMPRESSION_FAILED,
+            CompressError::Samples(_) => {
+                crate::runtime::conditions::model::INVALID_VALIDATION_DATASET
+            }
+            CompressError::Validation(_) => crate::runtime::conditions::model::VALIDATION_FAILED,
         }
     }
 }
@@ -131,7 +134,7 @@ pub fn compress(
     progress(Progress::Inspecting);
     let started = Instant::now();
     // Proves the input is a model tract can load, and gives the input signature.
-    let signature = onnx_signature::read_signature(source)?;
+    let signature = shoal_signature::read_signature(source)?;
     let mut proto = pb::ModelProto::decode(source).map_err(|e| InvalidModel::NotOnnx {
         reason: format!("not a valid ONNX protobuf: {e}"),
     })?;
@@ -159,7 +162,7 @@ pub fn compress(
         ),
         None => (
             "synthetic",
-            samples::synthetic(&signature.inputs, &index_limits, options.samples)?,
+            samples::synthetic(&signature.inputs, &index_limits, options.samples),
         ),
     };
     let figures = validation::compare(source, &bytes, &samples, |done, total| {

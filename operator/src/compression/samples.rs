@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tract_onnx::pb;
 use tract_onnx::prelude::{Tensor, TractResult};
 
-use crate::onnx_signature;
+use shoal_signature::{Datatype, Dim, TensorSpec};
 
 /// One set of model inputs, in the model's input order.
 pub type Sample = Vec<Tensor>;
@@ -32,12 +32,6 @@ pub enum SampleError {
 
     #[error("the dataset holds no samples; give it at least one line")]
     EmptyDataset,
-
-    #[error(
-        "input `{name}` has datatype {datatype}, for which no synthetic values can be made; \
-         give the validation a dataset of real inputs (spec.compression.validation.dataset)"
-    )]
-    NoSyntheticValues { name: String, datatype: String },
 }
 
 /// The size synthetic inputs give an open dimension other than the first (an image's
@@ -51,10 +45,10 @@ pub const OPEN_DIM_SIZE: usize = 32;
 /// Gather as indices are uniform over the table's rows (`index_limits`); other
 /// integers are uniform in [0, 255] (bytes, tokens, small ids), capped by the type.
 pub fn synthetic(
-    inputs: &[onnx_signature::Tensor],
+    inputs: &[TensorSpec],
     index_limits: &HashMap<String, u64>,
     count: usize,
-) -> Result<Vec<Sample>, SampleError> {
+) -> Vec<Sample> {
     let mut rng = SplitMix64(0x5EED_2026_1201);
     (0..count)
         .map(|_| {
@@ -67,18 +61,18 @@ pub fn synthetic(
 }
 
 fn synthetic_tensor(
-    input: &onnx_signature::Tensor,
+    input: &TensorSpec,
     index_limits: &HashMap<String, u64>,
     rng: &mut SplitMix64,
-) -> Result<Tensor, SampleError> {
+) -> Tensor {
     let shape: Vec<usize> = input
-        .shape
+        .dims
         .iter()
         .enumerate()
-        .map(|(axis, d)| match *d {
-            d if d >= 0 => d as usize,
-            _ if axis == 0 => 1,
-            _ => OPEN_DIM_SIZE,
+        .map(|(axis, dim)| match dim {
+            Dim::Fixed(size) => *size,
+            Dim::Open(_) if axis == 0 => 1,
+            Dim::Open(_) => OPEN_DIM_SIZE,
         })
         .collect();
     let n: usize = shape.iter().product();
@@ -94,51 +88,47 @@ fn synthetic_tensor(
     };
     let floats =
         |rng: &mut SplitMix64| -> Vec<f64> { (0..n).map(|_| rng.unit() * 2.0 - 1.0).collect() };
-    let tensor = match input.datatype.as_str() {
-        "FP32" => Tensor::from_shape(
+    let tensor = match input.datatype {
+        Datatype::Fp32 => Tensor::from_shape(
             &shape,
             &floats(rng).iter().map(|v| *v as f32).collect::<Vec<_>>(),
         ),
-        "FP64" => Tensor::from_shape(&shape, &floats(rng)),
-        "FP16" => Tensor::from_shape(
+        Datatype::Fp64 => Tensor::from_shape(&shape, &floats(rng)),
+        Datatype::Fp16 => Tensor::from_shape(
             &shape,
             &floats(rng)
                 .iter()
                 .map(|v| half::f16::from_f64(*v))
                 .collect::<Vec<_>>(),
         ),
-        "INT8" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(127)), |v| v as i8)),
-        "INT16" => Tensor::from_shape(
+        Datatype::Int8 => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(127)), |v| v as i8)),
+        Datatype::Int16 => Tensor::from_shape(
             &shape,
             &cast(ints(rng, int_limit(i16::MAX as u64)), |v| v as i16),
         ),
-        "INT32" => Tensor::from_shape(
+        Datatype::Int32 => Tensor::from_shape(
             &shape,
             &cast(ints(rng, int_limit(i32::MAX as u64)), |v| v as i32),
         ),
-        "INT64" => Tensor::from_shape(
+        Datatype::Int64 => Tensor::from_shape(
             &shape,
             &cast(ints(rng, int_limit(i64::MAX as u64)), |v| v as i64),
         ),
-        "UINT8" => Tensor::from_shape(&shape, &cast(ints(rng, int_limit(255)), |v| v as u8)),
-        "UINT16" => Tensor::from_shape(
+        Datatype::Uint8 => {
+            Tensor::from_shape(&shape, &cast(ints(rng, int_limit(255)), |v| v as u8))
+        }
+        Datatype::Uint16 => Tensor::from_shape(
             &shape,
             &cast(ints(rng, int_limit(u16::MAX as u64)), |v| v as u16),
         ),
-        "UINT32" => Tensor::from_shape(
+        Datatype::Uint32 => Tensor::from_shape(
             &shape,
             &cast(ints(rng, int_limit(u32::MAX as u64)), |v| v as u32),
         ),
-        "UINT64" => Tensor::from_shape(&shape, &ints(rng, int_limit(u64::MAX - 1))),
-        "BOOL" => Tensor::from_shape(&shape, &cast(ints(rng, 2), |v| v == 1)),
-        other => {
-            return Err(SampleError::NoSyntheticValues {
-                name: input.name.clone(),
-                datatype: other.to_string(),
-            });
-        }
+        Datatype::Uint64 => Tensor::from_shape(&shape, &ints(rng, int_limit(u64::MAX - 1))),
+        Datatype::Bool => Tensor::from_shape(&shape, &cast(ints(rng, 2), |v| v == 1)),
     };
-    Ok(tensor.expect("the value count matches the shape by construction"))
+    tensor.expect("the value count matches the shape by construction")
 }
 
 fn cast<T>(values: Vec<u64>, f: impl Fn(u64) -> T) -> Vec<T> {
@@ -202,7 +192,7 @@ struct RequestInput {
 /// Reads at most `limit` samples from a JSON Lines dataset for a model with `inputs`.
 pub fn from_dataset(
     dataset: &[u8],
-    inputs: &[onnx_signature::Tensor],
+    inputs: &[TensorSpec],
     limit: usize,
 ) -> Result<Vec<Sample>, SampleError> {
     let text = std::str::from_utf8(dataset).map_err(|e| SampleError::BadLine {
@@ -248,23 +238,24 @@ pub fn from_dataset(
     Ok(samples)
 }
 
-fn dataset_tensor(spec: &onnx_signature::Tensor, given: &RequestInput) -> Result<Tensor, String> {
-    if given.datatype != spec.datatype {
+fn dataset_tensor(spec: &TensorSpec, given: &RequestInput) -> Result<Tensor, String> {
+    if Datatype::parse(&given.datatype) != Some(spec.datatype) {
         return Err(format!(
             "input `{}` has datatype {} but the model takes {}",
             spec.name, given.datatype, spec.datatype
         ));
     }
-    if given.shape.len() != spec.shape.len()
+    let model_shape = spec.protocol_shape();
+    if given.shape.len() != model_shape.len()
         || given
             .shape
             .iter()
-            .zip(&spec.shape)
+            .zip(&model_shape)
             .any(|(g, s)| *g < 0 || (*s >= 0 && g != s))
     {
         return Err(format!(
             "input `{}` has shape {:?} but the model takes {:?} (-1 is any size)",
-            spec.name, given.shape, spec.shape
+            spec.name, given.shape, model_shape
         ));
     }
     let shape: Vec<usize> = given.shape.iter().map(|d| *d as usize).collect();
@@ -297,27 +288,27 @@ fn dataset_tensor(spec: &onnx_signature::Tensor, given: &RequestInput) -> Result
             .collect::<Option<Vec<i64>>>()
             .ok_or_else(not_number)
     };
-    let result: TractResult<Tensor> = match spec.datatype.as_str() {
-        "FP32" => Tensor::from_shape(
+    let result: TractResult<Tensor> = match spec.datatype {
+        Datatype::Fp32 => Tensor::from_shape(
             &shape,
             &floats()?.iter().map(|v| *v as f32).collect::<Vec<_>>(),
         ),
-        "FP64" => Tensor::from_shape(&shape, &floats()?),
-        "FP16" => Tensor::from_shape(
+        Datatype::Fp64 => Tensor::from_shape(&shape, &floats()?),
+        Datatype::Fp16 => Tensor::from_shape(
             &shape,
             &floats()?
                 .iter()
                 .map(|v| half::f16::from_f64(*v))
                 .collect::<Vec<_>>(),
         ),
-        "INT8" => Tensor::from_shape(&shape, &narrow::<i8>(ints()?, &spec.name)?),
-        "INT16" => Tensor::from_shape(&shape, &narrow::<i16>(ints()?, &spec.name)?),
-        "INT32" => Tensor::from_shape(&shape, &narrow::<i32>(ints()?, &spec.name)?),
-        "INT64" => Tensor::from_shape(&shape, &ints()?),
-        "UINT8" => Tensor::from_shape(&shape, &narrow::<u8>(ints()?, &spec.name)?),
-        "UINT16" => Tensor::from_shape(&shape, &narrow::<u16>(ints()?, &spec.name)?),
-        "UINT32" => Tensor::from_shape(&shape, &narrow::<u32>(ints()?, &spec.name)?),
-        "UINT64" => Tensor::from_shape(
+        Datatype::Int8 => Tensor::from_shape(&shape, &narrow::<i8>(ints()?, &spec.name)?),
+        Datatype::Int16 => Tensor::from_shape(&shape, &narrow::<i16>(ints()?, &spec.name)?),
+        Datatype::Int32 => Tensor::from_shape(&shape, &narrow::<i32>(ints()?, &spec.name)?),
+        Datatype::Int64 => Tensor::from_shape(&shape, &ints()?),
+        Datatype::Uint8 => Tensor::from_shape(&shape, &narrow::<u8>(ints()?, &spec.name)?),
+        Datatype::Uint16 => Tensor::from_shape(&shape, &narrow::<u16>(ints()?, &spec.name)?),
+        Datatype::Uint32 => Tensor::from_shape(&shape, &narrow::<u32>(ints()?, &spec.name)?),
+        Datatype::Uint64 => Tensor::from_shape(
             &shape,
             &flat
                 .iter()
@@ -325,7 +316,7 @@ fn dataset_tensor(spec: &onnx_signature::Tensor, given: &RequestInput) -> Result
                 .collect::<Option<Vec<u64>>>()
                 .ok_or_else(not_number)?,
         ),
-        "BOOL" => Tensor::from_shape(
+        Datatype::Bool => Tensor::from_shape(
             &shape,
             &flat
                 .iter()
@@ -333,12 +324,6 @@ fn dataset_tensor(spec: &onnx_signature::Tensor, given: &RequestInput) -> Result
                 .collect::<Option<Vec<bool>>>()
                 .ok_or_else(not_number)?,
         ),
-        other => {
-            return Err(format!(
-                "input `{}` has datatype {other}, which validation does not support",
-                spec.name
-            ));
-        }
     };
     result.map_err(|e| format!("input `{}`: {e}", spec.name))
 }
@@ -399,11 +384,14 @@ mod tests {
         }
     }
 
-    fn spec(name: &str, datatype: &str, shape: &[i64]) -> onnx_signature::Tensor {
-        onnx_signature::Tensor {
+    fn spec(name: &str, datatype: &str, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
             name: name.into(),
-            datatype: datatype.into(),
-            shape: shape.to_vec(),
+            datatype: Datatype::parse(datatype).expect("a datatype agents serve"),
+            dims: shape
+                .iter()
+                .map(|&d| usize::try_from(d).map_or(Dim::Open(None), Dim::Fixed))
+                .collect(),
         }
     }
 
@@ -416,8 +404,8 @@ mod tests {
             spec("image", "FP32", &[-1, 3, -1, -1]),
         ];
         let limits = HashMap::from([("ids".to_string(), 10u64)]);
-        let first = synthetic(&inputs, &limits, 50).expect("synthetic");
-        let again = synthetic(&inputs, &limits, 50).expect("synthetic");
+        let first = synthetic(&inputs, &limits, 50);
+        let again = synthetic(&inputs, &limits, 50);
         assert_eq!(first, again);
         for sample in &first {
             assert_eq!(sample[0].shape(), &[1]);
@@ -441,13 +429,6 @@ mod tests {
         let ids: std::collections::HashSet<i64> =
             first.iter().map(|s| s[0].values::<i64>()[0]).collect();
         assert!(ids.len() > 5, "indices spread over the table: {ids:?}");
-    }
-
-    #[test]
-    fn strings_need_a_dataset() {
-        let err =
-            synthetic(&[spec("text", "BYTES", &[1])], &HashMap::new(), 1).expect_err("no strings");
-        assert!(err.to_string().contains("dataset"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! pod — without loading models, all in this one process; `FLEET_REAL_AGENTS`
 //! (default 3) nodes get a real `shoal-agent` process instead. Then a ModelRollout
 //! moves the fleet 1.0 → 2.0 through setWeight 10 → analysis → 50 → analysis → 100
-//! and the benchmark prints what DESIGN §9 asks about: time to 100 % after the last
+//! and the benchmark prints the figures Shoal has targets for: time to 100 % after the last
 //! gate passed, operator RSS and CPU, reports ingested per second, API-server writes
 //! per minute to Shoal's objects, long-polls held. It never fails on timing; it
 //! stops itself (every wait is bounded) and deletes what it created.
@@ -409,7 +409,7 @@ async fn run(
          Rollout 1.0 → 2.0, steps setWeight 10 → analysis → setWeight 50 → analysis → 100 \
          (analysis interval 20 s, minRequests 50), maxUnavailable 100%; simulated agents \
          report every {}s and long-poll {}s. Operator: `{}`. 2 shared cores.\n\n\
-         | what | measured | target (DESIGN §9) |\n| --- | ---: | --- |\n\
+         | what | measured | target |\n| --- | ---: | --- |\n\
          | version change → 100% of agents on 2.0 | {:.1} s | – |\n\
          | last gate passed → 100% of agents on 2.0 (upper bound: status polled every 0.5 s) | ≤ {} | ≤ 60 s |\n\
          | operator RSS (peak during the rollout / after) | {:.1} MB / {:.1} MB | ≤ 150 MB |\n\
