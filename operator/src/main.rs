@@ -6,9 +6,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use shoal_operator::agent_api::listener::{AgentApiListener, TlsFiles};
 use shoal_operator::agent_api::{AgentApi, parse_duration_flag};
 use shoal_operator::artifacts::fetch;
+use shoal_operator::artifacts::source_policy::{Network, SourcePolicy};
 use shoal_operator::artifacts::store::ArtifactStore;
 use shoal_operator::compression::command as compress_command;
 use shoal_operator::controllers::edge_pool::daemonset::AgentDefaults;
+use shoal_operator::controllers::edge_pool::policy::PoolPolicy;
 use shoal_operator::controllers::{edge_pool, model, rollout};
 use shoal_operator::fleet::Fleet;
 use shoal_operator::runtime::backoff::Backoff;
@@ -89,6 +91,39 @@ struct RunArgs {
     /// Largest model source accepted, in bytes.
     #[arg(long, env = "SHOAL_MAX_MODEL_BYTES", default_value_t = 1 << 30)]
     max_model_bytes: u64,
+    /// A network (CIDR) whose internal addresses Model http sources may reach, such as
+    /// an in-cluster model store (10.0.0.0/8). Repeatable. Public addresses are
+    /// always allowed; loopback, private, link-local (cloud metadata) and
+    /// unique-local ones only where named here.
+    #[arg(
+        long = "allow-source-network",
+        env = "SHOAL_ALLOW_SOURCE_NETWORKS",
+        value_delimiter = ','
+    )]
+    allow_source_networks: Vec<Network>,
+    /// PEM file of a CA that Model https sources may be signed by, trusted beside the
+    /// public roots (an in-house model store).
+    #[arg(long, env = "SHOAL_MODEL_SOURCE_CA")]
+    model_source_ca: Option<PathBuf>,
+    /// An image repository (registry/path, matched up to :tag or @digest) or a prefix
+    /// ending in / that EdgePools may run agents from. Repeatable. Default: the
+    /// official agent repository.
+    #[arg(
+        long = "allowed-agent-image",
+        env = "SHOAL_ALLOWED_AGENT_IMAGES",
+        value_delimiter = ',',
+        default_value = shoal_api::edge_pool::AGENT_IMAGE_REPOSITORY
+    )]
+    allowed_agent_images: Vec<String>,
+    /// A taint key EdgePools may tolerate with NoExecute or every effect (or, for
+    /// node-role.kubernetes.io/control-plane, tolerate and select nodes by).
+    /// Repeatable. Default: none.
+    #[arg(
+        long = "allowed-toleration-key",
+        env = "SHOAL_ALLOWED_TOLERATION_KEYS",
+        value_delimiter = ','
+    )]
+    allowed_toleration_keys: Vec<String>,
     /// Model compressions that may run at once; each keeps a core busy.
     #[arg(long, env = "SHOAL_MAX_CONCURRENT_COMPRESSIONS", default_value_t = 1)]
     max_concurrent_compressions: usize,
@@ -190,10 +225,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         control_plane_url: args.agent_api_url,
         control_plane_ca,
     };
+    let model_source_ca = match &args.model_source_ca {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read --model-source-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let pool_policy = PoolPolicy {
+        allowed_images: args.allowed_agent_images.clone(),
+        allowed_toleration_keys: args.allowed_toleration_keys.clone(),
+    };
+    let source_policy = Arc::new(SourcePolicy::new(args.allow_source_networks.clone()));
     let ctx = Arc::new(Context {
         client,
         artifacts,
-        http: fetch::http_client()?,
+        http: fetch::http_client(source_policy.clone(), model_source_ca.as_deref())?,
+        source_policy,
         metrics: metrics.clone(),
         backoff: Backoff::default(),
         max_model_bytes: args.max_model_bytes,
@@ -274,6 +322,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ctx.clone(),
             fleet.clone(),
             agent_defaults,
+            pool_policy,
             args.namespace.clone(),
             pool_synced
         ),

@@ -30,6 +30,39 @@ pub fn kubeconfig_path() -> PathBuf {
     }
 }
 
+/// The API server's address (host:port) from the kubeconfig the tests use.
+pub fn api_server_addr() -> anyhow::Result<std::net::SocketAddr> {
+    let server = kubeconfig_server()?;
+    let authority = server
+        .strip_prefix("https://")
+        .with_context(|| format!("the kubeconfig's server {server} is not https://"))?;
+    authority
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("the kubeconfig's server {server} is not an IP address and port"))
+}
+
+/// Writes to `path` a copy of the tests' kubeconfig whose server is `addr` (same
+/// credentials and CA), e.g. a [`crate::stall_proxy::StallProxy`] in front of the
+/// API server: the certificate names 127.0.0.1, which the proxy's address shares.
+pub fn write_kubeconfig_via(addr: std::net::SocketAddr, path: &Path) -> anyhow::Result<()> {
+    let server = kubeconfig_server()?;
+    let text = std::fs::read_to_string(kubeconfig_path())?;
+    std::fs::write(path, text.replace(&server, &format!("https://{addr}")))?;
+    Ok(())
+}
+
+fn kubeconfig_server() -> anyhow::Result<String> {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
+    kubeconfig
+        .clusters
+        .iter()
+        .find_map(|named| named.cluster.as_ref()?.server.clone())
+        .with_context(|| format!("the kubeconfig {} names no server", path.display()))
+}
+
 /// The workspace root (the directory of the root Cargo.toml).
 pub fn workspace_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

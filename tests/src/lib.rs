@@ -16,6 +16,7 @@
 //!      real node's processes;
 //!    - [`kwok_nodes`]: fake nodes that kwok manages;
 //!    - [`file_server`]: a model file served over http;
+//!    - [`stall_proxy`]: a TCP proxy that can hang every call through it;
 //!    - [`test_models`]: the real models `make test-models` fetches, and digests;
 //!    - [`onnx_models`]: tiny ONNX models written byte by byte;
 //!    - [`credentials`]: ServiceAccount tokens and throwaway TLS certificates;
@@ -42,6 +43,7 @@ pub mod operator_process;
 pub mod ports;
 pub mod real_node;
 pub mod recorded_processes;
+pub mod stall_proxy;
 pub mod test_models;
 pub mod wait;
 

@@ -25,6 +25,8 @@ pub struct Operator {
     /// The one namespace it watches; None watches every namespace.
     namespace: Option<String>,
     extra_args: Vec<String>,
+    /// The kubeconfig it runs with (the local control plane's, or one through a proxy).
+    kubeconfig: PathBuf,
     metrics_port: u16,
     metrics_url: String,
     agent_api_addr: String,
@@ -43,7 +45,17 @@ impl Operator {
     /// [`Operator::start`] with more flags for `shoal-operator run`, such as
     /// `--agent-stale-after 10s` or `--tls-cert …`.
     pub async fn start_with_args(namespace: &str, extra_args: &[&str]) -> anyhow::Result<Operator> {
-        Self::spawn_and_wait(Some(namespace), extra_args).await
+        Self::spawn_and_wait(Some(namespace), extra_args, kubeconfig_path()).await
+    }
+
+    /// [`Operator::start_with_args`] with another kubeconfig, such as one whose
+    /// server is a [`crate::stall_proxy::StallProxy`] in front of the API server.
+    pub async fn start_with_kubeconfig(
+        namespace: &str,
+        extra_args: &[&str],
+        kubeconfig: &Path,
+    ) -> anyhow::Result<Operator> {
+        Self::spawn_and_wait(Some(namespace), extra_args, kubeconfig.to_path_buf()).await
     }
 
     /// `shoal-operator run` without `--namespace`: it watches every namespace, as a
@@ -51,12 +63,13 @@ impl Operator {
     /// holds, so that it only serves the agent API and writes nothing into the other
     /// tests' namespaces.
     pub async fn start_cluster_wide(extra_args: &[&str]) -> anyhow::Result<Operator> {
-        Self::spawn_and_wait(None, extra_args).await
+        Self::spawn_and_wait(None, extra_args, kubeconfig_path()).await
     }
 
     async fn spawn_and_wait(
         namespace: Option<&str>,
         extra_args: &[&str],
+        kubeconfig: PathBuf,
     ) -> anyhow::Result<Operator> {
         let dir = tempfile::Builder::new()
             .prefix("shoal-operator-")
@@ -64,12 +77,20 @@ impl Operator {
         let port = free_port()?;
         let agent_api_addr = format!("127.0.0.1:{}", free_port()?);
         let extra_args: Vec<String> = extra_args.iter().map(|arg| arg.to_string()).collect();
-        let child = spawn_operator(dir.path(), namespace, port, &agent_api_addr, &extra_args)?;
+        let child = spawn_operator(
+            dir.path(),
+            namespace,
+            port,
+            &agent_api_addr,
+            &extra_args,
+            &kubeconfig,
+        )?;
         let mut operator = Operator {
             child,
             dir,
             namespace: namespace.map(str::to_string),
             extra_args,
+            kubeconfig,
             metrics_port: port,
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
             agent_api_addr,
@@ -113,6 +134,7 @@ impl Operator {
             self.metrics_port,
             &self.agent_api_addr,
             &self.extra_args,
+            &self.kubeconfig,
         )?;
         self.running = true;
         self.wait_ready(self.metrics_port).await
@@ -219,6 +241,7 @@ fn spawn_operator(
     metrics_port: u16,
     agent_api_addr: &str,
     extra_args: &[String],
+    kubeconfig: &Path,
 ) -> anyhow::Result<tokio::process::Child> {
     let binary = operator_binary()?;
     let log = std::fs::OpenOptions::new()
@@ -230,6 +253,14 @@ fn spawn_operator(
     if let Some(namespace) = namespace {
         command.args(["--namespace", namespace]);
     }
+    // The tests' model files are served on loopback, which the operator refuses as
+    // a Model source unless allowed; a test that sets its own networks keeps them.
+    if !extra_args
+        .iter()
+        .any(|arg| arg.starts_with("--allow-source-network"))
+    {
+        command.args(["--allow-source-network", "127.0.0.0/8"]);
+    }
     command
         .arg("--artifact-dir")
         .arg(dir.join("artifacts"))
@@ -238,7 +269,7 @@ fn spawn_operator(
         // What the agent DaemonSet is told; the pods kwok fakes run no agent.
         .args(["--agent-api-url", &format!("http://{agent_api_addr}")])
         .args(extra_args)
-        .env("KUBECONFIG", kubeconfig_path())
+        .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,shoal_operator=debug,kube=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone()?))

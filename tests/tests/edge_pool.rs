@@ -223,3 +223,82 @@ async fn edge_pool_runs_its_agents_on_the_selected_nodes() -> anyhow::Result<()>
     operator.stop().await?;
     namespace.delete().await
 }
+
+/// Issue: a namespace user could set the agent image, tolerate every taint and
+/// select control-plane nodes, and the operator would run that DaemonSet with its
+/// own rights. Now the pool is refused with every reason, and nothing is applied.
+#[tokio::test]
+async fn a_pool_that_would_run_a_foreign_image_on_control_plane_nodes_is_refused()
+-> anyhow::Result<()> {
+    let client = client().await?;
+    install_crds(&client).await?;
+    let namespace = TestNamespace::create(&client, "pool-policy").await?;
+    let operator = Operator::start(namespace.name()).await?;
+    let pools: Api<EdgePool> = Api::namespaced(client.clone(), namespace.name());
+    let pool: EdgePool = serde_json::from_value(json!({
+        "apiVersion": "shoal.dev/v1alpha1",
+        "kind": "EdgePool",
+        "metadata": { "name": "intruder" },
+        "spec": {
+            "nodeSelector": { "matchLabels": { "node-role.kubernetes.io/control-plane": "" } },
+            "tolerations": [{ "operator": "Exists" }],
+            "agent": { "image": "docker.io/attacker/miner:latest" },
+        },
+    }))?;
+    pools.create(&PostParams::default(), &pool).await?;
+
+    let refused = wait_for(&pools, "intruder", WAIT, |pool| {
+        pool.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "NotAllowed")
+        })
+    })
+    .await?;
+    let message = refused
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    for part in [
+        "spec.agent.image \"docker.io/attacker/miner:latest\" is not from an allowed repository",
+        "spec.tolerations[0] has no key",
+        "spec.nodeSelector selects control-plane nodes",
+    ] {
+        ensure!(
+            message.contains(part),
+            "the refusal says {part:?}: {message}"
+        );
+    }
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace.name());
+    let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace.name());
+    ensure!(
+        daemon_sets.get_opt("shoal-agent-intruder").await?.is_none()
+            && service_accounts
+                .get_opt("shoal-agent-intruder")
+                .await?
+                .is_none(),
+        "nothing may be applied for a refused pool"
+    );
+
+    // Fixed (the official image, a NoSchedule toleration of its own key, edge
+    // nodes): the same pool is served.
+    pools
+        .patch(
+            "intruder",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": {
+                "nodeSelector": { "matchLabels": { POOL_LABEL: "policy-fixed" } },
+                "tolerations": [{ "key": KWOK_NODE_KEY, "operator": "Exists", "effect": "NoSchedule" }],
+                "agent": { "image": null },
+            } })),
+        )
+        .await?;
+    wait_for(&daemon_sets, "shoal-agent-intruder", WAIT, |_| true)
+        .await
+        .context("the fixed pool's DaemonSet")?;
+
+    operator.stop().await?;
+    namespace.delete().await
+}

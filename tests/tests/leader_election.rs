@@ -1,7 +1,8 @@
 //! Two operator replicas against the real API server: only the Lease holder runs the
 //! controllers, the other is ready and serves the agent API but refuses reports, and
 //! when the leader is killed the other takes over within the lease duration and
-//! reconciles from then on.
+//! reconciles from then on; a leader whose API-server calls hang stops leading at
+//! its renew deadline, before the lease expires for anyone else.
 
 use anyhow::{Context as _, ensure};
 use k8s_openapi::ByteString;
@@ -11,6 +12,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use shoal_api::{Model, ModelPhase};
+use shoal_tests::cluster::{api_server_addr, write_kubeconfig_via};
+use shoal_tests::stall_proxy::StallProxy;
 use shoal_tests::{
     Operator, TestNamespace, client, install_crds, tiny_onnx_model, tiny_onnx_model_scaled,
     wait_for,
@@ -154,6 +157,83 @@ async fn only_the_leader_reconciles_and_the_other_takes_over() -> anyhow::Result
     ensure!(
         lease.spec.and_then(|s| s.lease_transitions) == Some(1),
         "one hand-over counted"
+    );
+
+    second.stop().await?;
+    first.stop().await?;
+    namespace.delete().await
+}
+
+/// Issue: the renewal had no timeout and the deadline was checked only after the call
+/// returned, so a leader whose lease write hung kept running its controllers while
+/// the other replica took the expired lease (two leaders).
+#[tokio::test]
+async fn a_leader_whose_lease_calls_hang_stops_before_another_may_take_over() -> anyhow::Result<()>
+{
+    const HANG: Duration = Duration::from_secs(20);
+    let client = client().await?;
+    install_crds(&client).await?;
+    let namespace = TestNamespace::create(&client, "leader-hang").await?;
+    let ns = namespace.name().to_string();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+
+    // replica-a reaches the API server through a proxy the test can hang.
+    let proxy = StallProxy::start(api_server_addr()?).await?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig_via(proxy.addr(), &kubeconfig)?;
+    let mut first =
+        Operator::start_with_kubeconfig(&ns, &election_args(&ns, "replica-a"), &kubeconfig).await?;
+    wait_holder(&leases, "replica-a", WAIT).await?;
+    let second = Operator::start_with_args(&ns, &election_args(&ns, "replica-b")).await?;
+
+    // Every call of replica-a hangs for 20 s, its lease renewals included.
+    proxy.stall();
+    let hung = Instant::now();
+    let mut first_stopped = None;
+    let mut second_took_over = None;
+    while hung.elapsed() < HANG + Duration::from_secs(15)
+        && (first_stopped.is_none() || second_took_over.is_none())
+    {
+        if hung.elapsed() >= HANG {
+            proxy.resume();
+        }
+        if first_stopped.is_none() && !first.is_alive() {
+            first_stopped = Some(hung.elapsed());
+        }
+        if second_took_over.is_none() && holder(&leases).await?.as_deref() == Some("replica-b") {
+            second_took_over = Some(hung.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.resume();
+    eprintln!(
+        "calls hung at 0 s: replica-a stopped leading at {first_stopped:?}, \
+         replica-b took the lease at {second_took_over:?} (renew deadline 10 s, lease 15 s)"
+    );
+    let first_stopped = first_stopped.with_context(|| {
+        format!(
+            "replica-a kept leading with every lease call hanging: {}",
+            first.logs()
+        )
+    })?;
+    ensure!(
+        first_stopped <= Duration::from_secs(15),
+        "replica-a stopped leading only {first_stopped:?} after its calls hung"
+    );
+    ensure!(
+        first
+            .logs()
+            .contains("could not renew the lease within the renew deadline"),
+        "replica-a says why it stopped: {}",
+        first.logs()
+    );
+    let second_took_over =
+        second_took_over.context("replica-b did not take the lease after replica-a stopped")?;
+    ensure!(
+        first_stopped < second_took_over,
+        "two leaders: replica-b took the lease at {second_took_over:?}, \
+         replica-a stopped at {first_stopped:?}"
     );
 
     second.stop().await?;

@@ -12,13 +12,14 @@ use kube::{Api, Client};
 use serde_json::json;
 use shoal_api::{Model, TensorSpec};
 use shoal_tests::cluster::{TestNamespace, client, install_crds};
-use shoal_tests::file_server::serve_file;
+use shoal_tests::file_server::{serve_file, serve_redirect};
 use shoal_tests::model_objects::{
     create_config_map, create_model, ready_condition, wait_model_failed, wait_model_ready,
 };
 use shoal_tests::onnx_models::{string_input_onnx_model, tiny_onnx_model};
 use shoal_tests::operator_process::Operator;
 use shoal_tests::test_models::{magika_onnx, ppocr_cls_onnx, sha256_hex};
+use shoal_tests::wait::wait_for;
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,10 +35,15 @@ struct Setup {
 
 impl Setup {
     async fn start(prefix: &str) -> anyhow::Result<Setup> {
+        Self::start_with_args(prefix, &[]).await
+    }
+
+    /// [`Setup::start`] with more flags for the operator.
+    async fn start_with_args(prefix: &str, args: &[&str]) -> anyhow::Result<Setup> {
         let client: Client = client().await?;
         install_crds(&client).await?;
         let namespace = TestNamespace::create(&client, prefix).await?;
-        let operator = Operator::start(namespace.name()).await?;
+        let operator = Operator::start_with_args(namespace.name(), args).await?;
         Ok(Setup {
             models: Api::namespaced(client.clone(), namespace.name()),
             config_maps: Api::namespaced(client, namespace.name()),
@@ -268,8 +274,8 @@ async fn wrong_sha256_fails_with_digest_mismatch_and_stores_nothing() -> anyhow:
 
     let (model, condition) = setup.wait_failed("DigestMismatch").await?;
     ensure!(
-        condition.message.contains(&sha256_hex(&onnx)) && condition.message.contains(&declared),
-        "the message should show both digests: {}",
+        condition.message.contains(&declared) && !condition.message.contains(&sha256_hex(&onnx)),
+        "the message shows the declared digest, never the fetched one: {}",
         condition.message
     );
     let status = model.status.as_ref().context("status")?;
@@ -407,5 +413,71 @@ async fn a_model_with_a_string_input_fails_with_invalid_model() -> anyhow::Resul
         "a refused model must not be stored; the store holds {stored:?}"
     );
 
+    setup.finish().await
+}
+
+/// Issue: an http source could name any host (cloud metadata, loopback, cluster
+/// Services) and redirects were followed anywhere, so a Model author could make the
+/// operator read internal endpoints. The operator here allows only 127.0.0.2.
+#[tokio::test]
+async fn sources_that_reach_internal_addresses_are_refused_before_connecting() -> anyhow::Result<()>
+{
+    let setup =
+        Setup::start_with_args("model-ssrf", &["--allow-source-network", "127.0.0.2/32"]).await?;
+    let onnx = tiny_onnx_model();
+    let sha256 = sha256_hex(&onnx);
+
+    // The cloud metadata address: nothing listens there, so a connection attempt
+    // would end in a timeout (FetchFailed), not in this refusal.
+    setup
+        .create_model(json!({
+            "version": "1.0",
+            "source": { "http": { "url": "http://169.254.169.254/latest/meta-data/model.onnx", "sha256": sha256 } },
+        }))
+        .await?;
+    let (_, condition) = setup.wait_failed("SourceRefused").await?;
+    ensure!(
+        condition
+            .message
+            .contains("169.254.169.254 is a link-local address")
+            && condition.message.contains("--allow-source-network"),
+        "the refusal names the address and the way to allow it: {}",
+        condition.message
+    );
+
+    // An allowed source (127.0.0.2) that redirects to loopback (127.0.0.1, not
+    // allowed): the redirect is not followed, the file there is never read.
+    let (target, target_server) = serve_file(onnx.clone()).await?;
+    let (redirect, redirect_server) = serve_redirect("127.0.0.2", target.clone()).await?;
+    setup
+        .models
+        .patch(
+            "model",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "source": { "http": { "url": redirect } } } })),
+        )
+        .await?;
+    let model = wait_for(&setup.models, "model", WAIT, |model| {
+        ready_condition(model).is_some_and(|c| {
+            c.reason == "SourceRefused" && c.message.contains("redirected to http://127.0.0.1:")
+        })
+    })
+    .await
+    .context("the redirect to loopback was not refused")?;
+    let condition = ready_condition(&model).context("the Ready condition")?;
+    ensure!(
+        condition.message.contains("loopback"),
+        "the refusal says why: {}",
+        condition.message
+    );
+    ensure!(
+        model.status.as_ref().is_some_and(|s| s.versions.is_empty()),
+        "nothing was published: {:?}",
+        model.status
+    );
+    ensure!(setup.stored_artifacts()?.is_empty(), "nothing was stored");
+
+    target_server.abort();
+    redirect_server.abort();
     setup.finish().await
 }

@@ -1,7 +1,9 @@
-//! Model artifacts: the content-addressed store on the operator's volume (`store`)
-//! and the streaming http fetch of model sources (`fetch`).
+//! Model artifacts: the content-addressed store on the operator's volume (`store`),
+//! the streaming http fetch of model sources (`fetch`) and the addresses a source
+//! may reach (`source_policy`).
 
 pub mod fetch;
+pub mod source_policy;
 pub mod store;
 
 /// Status carries digests as `sha256:<hex>` (as OCI does); the artifact store keys

@@ -12,6 +12,7 @@ pub mod model {
     pub const FETCHING: &str = "Fetching";
     pub const FETCH_FAILED: &str = "FetchFailed";
     pub const DIGEST_MISMATCH: &str = "DigestMismatch";
+    pub const SOURCE_REFUSED: &str = "SourceRefused";
     pub const INVALID_MODEL: &str = "InvalidModel";
     pub const DATASET_UNAVAILABLE: &str = "DatasetUnavailable";
     pub const COMPRESSING: &str = "Compressing";
@@ -32,6 +33,7 @@ pub mod edge_pool {
     pub const AGENTS_NOT_READY: &str = "AgentsNotReady";
     pub const AGENTS_READY: &str = "AgentsReady";
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
+    pub const NOT_ALLOWED: &str = "NotAllowed";
 }
 
 /// Reasons of a ModelRollout's Accepted condition and of its Events.

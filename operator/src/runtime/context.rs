@@ -10,6 +10,9 @@ pub struct Context {
     pub client: kube::Client,
     pub artifacts: ArtifactStore,
     pub http: reqwest::Client,
+    /// The networks model sources may reach beyond public addresses (the same
+    /// policy `http` applies when it resolves names and follows redirects).
+    pub source_policy: Arc<crate::artifacts::source_policy::SourcePolicy>,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
     /// Largest model source the operator accepts, in bytes.

@@ -2,11 +2,16 @@
 //! run safely: only the leader runs the controllers (and so writes status); every
 //! replica serves the agent API from its own watches.
 //!
-//! The protocol is client-go's: the holder renews `renewTime` every renew interval;
-//! anyone may take the lease once `renewTime + leaseDurationSeconds` has passed.
-//! Updates carry the resourceVersion read, so two candidates cannot both win. A
-//! leader that cannot renew within the lease duration stops leading (the process
-//! exits and its restart rejoins as a candidate), before anyone else may take over.
+//! The protocol is client-go's: the holder renews `renewTime` every retry period;
+//! a candidate may take the lease once it has seen the same lease record, unchanged,
+//! for `leaseDurationSeconds` by its own clock (never by comparing the holder's
+//! timestamps with its own clock: two machines' clocks differ). Updates carry the
+//! resourceVersion read, so two candidates cannot both win.
+//!
+//! A leader that has not renewed within the renew deadline (10 s, shorter than the
+//! 15 s lease) stops leading at that deadline, even while a lease call is still
+//! hanging: every call is cut off at the deadline. The process then exits and its
+//! restart rejoins as a candidate, 5 s before any other replica may take over.
 
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {
@@ -25,6 +31,10 @@ pub struct LeaseConfig {
     pub identity: String,
     /// How long a lease stays valid without renewal (15 s, as in client-go).
     pub lease_duration: Duration,
+    /// How long the leader keeps leading without a successful renewal (10 s, as in
+    /// client-go). Shorter than `lease_duration`, so the old leader has stopped
+    /// before anyone else may take the lease.
+    pub renew_deadline: Duration,
     /// How often the holder renews and a candidate retries (2 s).
     pub retry_period: Duration,
 }
@@ -36,6 +46,7 @@ impl LeaseConfig {
             name,
             identity,
             lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
         }
     }
@@ -52,8 +63,10 @@ pub enum Verdict {
     Wait { holder: String },
 }
 
-/// Pure: what `identity` may do with a lease whose spec is `spec`, at `now`.
-pub fn verdict(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Verdict {
+/// Pure: what `identity` may do with a lease whose spec is `spec`, when this
+/// replica has seen that same record (holder and renew time) unchanged for
+/// `unchanged_for`, measured on its own clock.
+pub fn verdict(spec: Option<&LeaseSpec>, identity: &str, unchanged_for: Duration) -> Verdict {
     let Some(spec) = spec else {
         return Verdict::Take;
     };
@@ -64,27 +77,57 @@ pub fn verdict(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Verd
     if holder == identity {
         return Verdict::Renew;
     }
-    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15).max(1));
-    let renewed = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .map(|t| t.0);
-    let expired = match renewed {
-        None => true,
-        Some(renewed) => renewed
-            .checked_add(jiff_seconds(duration))
-            .is_ok_and(|deadline| deadline < now),
-    };
-    if expired {
+    let duration = u64::try_from(spec.lease_duration_seconds.unwrap_or(15).max(1)).unwrap_or(15);
+    if unchanged_for > Duration::from_secs(duration) {
         Verdict::Take
     } else {
         Verdict::Wait { holder }
     }
 }
 
-fn jiff_seconds(seconds: i64) -> k8s_openapi::jiff::SignedDuration {
-    k8s_openapi::jiff::SignedDuration::from_secs(seconds)
+/// The part of a lease record whose change shows that its holder is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    holder: Option<String>,
+    renew_time: Option<Timestamp>,
+    acquire_time: Option<Timestamp>,
+}
+
+impl Record {
+    fn of(spec: Option<&LeaseSpec>) -> Option<Record> {
+        spec.map(|spec| Record {
+            holder: spec.holder_identity.clone(),
+            renew_time: spec.renew_time.as_ref().map(|t| t.0),
+            acquire_time: spec.acquire_time.as_ref().map(|t| t.0),
+        })
+    }
+}
+
+/// Remembers when this replica last saw the lease record change, on its own
+/// monotonic clock.
+#[derive(Debug, Default)]
+pub struct Observer {
+    last: Option<(Option<Record>, Instant)>,
+}
+
+impl Observer {
+    /// How long the record `spec` has been unchanged, as seen at `now`.
+    pub fn unchanged_for(&mut self, spec: Option<&LeaseSpec>, now: Instant) -> Duration {
+        let record = Record::of(spec);
+        match &self.last {
+            Some((seen, since)) if *seen == record => now.saturating_duration_since(*since),
+            _ => {
+                self.last = Some((record, now));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// Pure: the instant at which a leader whose last successful renewal started at
+/// `renewed` must stop leading.
+pub fn leading_deadline(renewed: Instant, config: &LeaseConfig) -> Instant {
+    renewed + config.renew_deadline
 }
 
 /// The lease spec after `identity` renews or takes it at `now`.
@@ -115,50 +158,80 @@ pub fn next_spec(
 }
 
 /// Campaigns for the lease until the process ends. `leading` turns true when this
-/// replica becomes the leader. If it then fails to renew for a whole lease duration,
-/// it returns: the caller must stop leading (exit), because another replica may take
-/// over from then on.
+/// replica becomes the leader. If it then goes a whole renew deadline without a
+/// successful renewal, or sees another holder, it returns at once (a lease call still
+/// hanging is abandoned): the caller must stop leading (exit), because another
+/// replica may take over once the lease duration has passed.
 pub async fn campaign(client: Client, config: LeaseConfig, leading: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
-    let mut last_renewed: Option<tokio::time::Instant> = None;
+    let mut observer = Observer::default();
+    // When the last successful renewal started, while we lead.
+    let mut renewed: Option<Instant> = None;
     loop {
-        match try_once(&api, &config).await {
-            Ok(true) => {
-                if last_renewed.is_none() {
+        let started = Instant::now();
+        // Leading: no call may outlast the deadline. A candidate bounds its calls too,
+        // so that a hung API server cannot wedge the campaign.
+        let cutoff = match renewed {
+            Some(last) => leading_deadline(last, &config),
+            None => started + config.renew_deadline,
+        };
+        let attempt = tokio::time::timeout_at(cutoff, try_once(&api, &config, &mut observer));
+        match attempt.await {
+            Ok(Ok(true)) => {
+                if renewed.is_none() {
                     tracing::info!(lease = %config.name, identity = %config.identity, "became the leader");
                     let _ = leading.send(true);
                 }
-                last_renewed = Some(tokio::time::Instant::now());
+                renewed = Some(started);
             }
-            Ok(false) => {
-                if last_renewed.is_some() {
+            Ok(Ok(false)) => {
+                if renewed.is_some() {
                     tracing::error!(lease = %config.name, "another replica holds the lease now");
                     return;
                 }
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::warn!(lease = %config.name, %error, "leader election: could not read or write the lease");
             }
+            Err(_) => {
+                tracing::warn!(lease = %config.name, timeout = ?cutoff.saturating_duration_since(started), "leader election: the API server did not answer in time");
+            }
         }
-        if let Some(renewed) = last_renewed
-            && renewed.elapsed() >= config.lease_duration
-        {
-            tracing::error!(lease = %config.name, "could not renew the lease within its duration");
-            return;
+        if let Some(last) = renewed {
+            let deadline = leading_deadline(last, &config);
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    lease = %config.name,
+                    renew_deadline = ?config.renew_deadline,
+                    "could not renew the lease within the renew deadline"
+                );
+                return;
+            }
+            tokio::time::sleep_until((Instant::now() + config.retry_period).min(deadline)).await;
+        } else {
+            tokio::time::sleep(config.retry_period).await;
         }
-        tokio::time::sleep(config.retry_period).await;
     }
 }
 
 /// One attempt: true when we hold the lease afterwards.
-async fn try_once(api: &Api<Lease>, config: &LeaseConfig) -> Result<bool, kube::Error> {
-    let now = Timestamp::now();
+async fn try_once(
+    api: &Api<Lease>,
+    config: &LeaseConfig,
+    observer: &mut Observer,
+) -> Result<bool, kube::Error> {
     let current = api.get_opt(&config.name).await?;
     let spec = current.as_ref().and_then(|lease| lease.spec.as_ref());
-    match verdict(spec, &config.identity, now) {
+    let unchanged_for = observer.unchanged_for(spec, Instant::now());
+    match verdict(spec, &config.identity, unchanged_for) {
         Verdict::Wait { .. } => Ok(false),
         Verdict::Renew | Verdict::Take => {
-            let spec = next_spec(spec, &config.identity, config.lease_duration, now);
+            let spec = next_spec(
+                spec,
+                &config.identity,
+                config.lease_duration,
+                Timestamp::now(),
+            );
             let result = match current {
                 None => {
                     let lease = Lease {
@@ -209,33 +282,87 @@ mod tests {
 
     #[test]
     fn verdict_table() {
+        let secs = Duration::from_secs;
         let cases = [
-            (None, 0, Verdict::Take),
-            (Some(LeaseSpec::default()), 0, Verdict::Take),
-            (Some(held_by("me", 0, 15)), 100, Verdict::Renew),
+            (None, secs(0), Verdict::Take),
+            (Some(LeaseSpec::default()), secs(0), Verdict::Take),
+            (Some(held_by("me", 0, 15)), secs(100), Verdict::Renew),
             (
                 Some(held_by("other", 0, 15)),
-                10,
+                secs(10),
                 Verdict::Wait {
                     holder: "other".into(),
                 },
             ),
             (
                 Some(held_by("other", 0, 15)),
-                15,
+                secs(15),
                 Verdict::Wait {
                     holder: "other".into(),
                 },
             ),
-            (Some(held_by("other", 0, 15)), 16, Verdict::Take),
+            (Some(held_by("other", 0, 15)), secs(16), Verdict::Take),
+            (
+                Some(held_by("other", 0, 30)),
+                secs(16),
+                Verdict::Wait {
+                    holder: "other".into(),
+                },
+            ),
         ];
-        for (spec, now, expected) in cases {
+        for (spec, unchanged_for, expected) in cases {
             assert_eq!(
-                verdict(spec.as_ref(), "me", at(now)),
+                verdict(spec.as_ref(), "me", unchanged_for),
                 expected,
-                "{spec:?} at {now}"
+                "{spec:?} unchanged for {unchanged_for:?}"
             );
         }
+    }
+
+    #[test]
+    fn expiry_is_measured_on_the_candidates_clock_not_from_the_holders_timestamps() {
+        // The holder's clock runs an hour behind: its renewTime looks long expired to
+        // a candidate comparing timestamps, but it renews every 2 s.
+        let start = Instant::now();
+        let mut observer = Observer::default();
+        let mut renewed_at = -3600;
+        for tick in 0..20u64 {
+            let spec = held_by("other", renewed_at, 15);
+            let seen = observer.unchanged_for(Some(&spec), start + Duration::from_secs(2 * tick));
+            assert_eq!(seen, Duration::ZERO, "a renewal resets the observation");
+            assert_eq!(
+                verdict(Some(&spec), "me", seen),
+                Verdict::Wait {
+                    holder: "other".into()
+                }
+            );
+            renewed_at += 2;
+        }
+        // The holder stops renewing: the same record, seen for longer than the lease.
+        let stuck = held_by("other", renewed_at, 15);
+        let base = start + Duration::from_secs(40);
+        assert_eq!(observer.unchanged_for(Some(&stuck), base), Duration::ZERO);
+        let later = observer.unchanged_for(Some(&stuck), base + Duration::from_secs(16));
+        assert_eq!(later, Duration::from_secs(16));
+        assert_eq!(verdict(Some(&stuck), "me", later), Verdict::Take);
+        // A holder whose clock runs ahead is not trusted for longer either.
+        let mut fresh = Observer::default();
+        let ahead = held_by("other", 3600, 15);
+        fresh.unchanged_for(Some(&ahead), base);
+        let seen = fresh.unchanged_for(Some(&ahead), base + Duration::from_secs(16));
+        assert_eq!(verdict(Some(&ahead), "me", seen), Verdict::Take);
+    }
+
+    #[test]
+    fn the_leader_stops_before_anyone_may_take_over() {
+        let config = LeaseConfig::new("ns".into(), "lease".into(), "me".into());
+        let renewed = Instant::now();
+        let deadline = leading_deadline(renewed, &config);
+        assert_eq!(deadline - renewed, Duration::from_secs(10));
+        // A candidate that saw that renewal (no earlier than it started) waits a whole
+        // lease duration: the old leader has stopped 5 s before.
+        assert!(renewed + config.lease_duration > deadline);
+        assert!(config.retry_period < config.renew_deadline);
     }
 
     #[test]

@@ -11,8 +11,12 @@
 //! only change is in its counts is written at most once per [`COUNTS_WRITE_INTERVAL`](super::plan::COUNTS_WRITE_INTERVAL).
 
 use super::daemonset::{self, AgentDefaults};
-use super::plan::{invalid_status, needs_apply, objects_digest, pool_status, status_write_delay};
+use super::plan::{
+    invalid_status, needs_apply, objects_digest, pool_status, refused_status, status_write_delay,
+};
+use super::policy::PoolPolicy;
 use crate::fleet::Fleet;
+use crate::runtime::conditions;
 use crate::runtime::context::{Context, FIELD_MANAGER};
 use crate::runtime::reconcile;
 use crate::runtime::status::write_status;
@@ -45,6 +49,8 @@ pub struct PoolContext {
     pub fleet: Arc<Fleet>,
     /// The image, control-plane URL and CA every pool's agents get.
     pub agent_defaults: AgentDefaults,
+    /// What a pool may ask the operator to run, and where.
+    pub policy: PoolPolicy,
     /// The agent DaemonSets, from the watch that also triggers reconciles.
     pub daemon_sets: Store<DaemonSet>,
     pub applied: WriteMemo,
@@ -84,6 +90,7 @@ pub async fn run(
     ctx: Arc<Context>,
     fleet: Arc<Fleet>,
     agent_defaults: AgentDefaults,
+    policy: PoolPolicy,
     namespace: Option<String>,
     synced: tokio::sync::oneshot::Sender<()>,
 ) {
@@ -152,6 +159,7 @@ pub async fn run(
                 ctx,
                 fleet,
                 agent_defaults,
+                policy,
                 daemon_sets: daemon_set_store,
                 applied: WriteMemo::default(),
                 status_written: WriteMemo::default(),
@@ -187,6 +195,20 @@ async fn reconcile_pool(pool: &EdgePool, pool_ctx: &PoolContext) -> Result<Actio
     let namespace = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
     let now = Instant::now();
+    if let Some(refusal) = pool_ctx.policy.refusal(pool) {
+        // Nothing is applied: agents from before keep running as they were.
+        tracing::warn!(pool = %key, %refusal, "edge pool refused");
+        let status = refused_status(
+            pool,
+            conditions::edge_pool::NOT_ALLOWED,
+            &refusal,
+            Time(k8s_openapi::jiff::Timestamp::now()),
+        );
+        if pool.status.as_ref() != Some(&status) {
+            write_status(&ctx.client, pool, &status).await?;
+        }
+        return Ok(Action::await_change());
+    }
     let daemon_set = match daemonset::build_daemon_set(pool, &pool_ctx.agent_defaults) {
         Ok(daemon_set) => daemon_set,
         Err(invalid) => {

@@ -142,17 +142,22 @@ pub fn pool_status(
 }
 
 pub fn invalid_status(pool: &EdgePool, invalid: &UnsupportedSelector, now: Time) -> EdgePoolStatus {
+    refused_status(
+        pool,
+        conditions::edge_pool::INVALID_SELECTOR,
+        &invalid.to_string(),
+        now,
+    )
+}
+
+/// The status of a pool whose agents the operator will not run as asked: Ready
+/// False with `reason` and the message that says what to change; counts kept.
+pub fn refused_status(pool: &EdgePool, reason: &str, message: &str, now: Time) -> EdgePoolStatus {
     let mut status = pool.status.clone().unwrap_or_default();
     status.observed_generation = pool.metadata.generation;
     set_condition(
         &mut status.conditions,
-        condition(
-            ConditionStatus::False,
-            conditions::edge_pool::INVALID_SELECTOR,
-            &invalid.to_string(),
-            pool,
-            now,
-        ),
+        condition(ConditionStatus::False, reason, message, pool, now),
     );
     status
 }

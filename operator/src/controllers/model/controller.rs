@@ -145,6 +145,10 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
 
     let (bytes, expected_digest) = match fetch_source(model, ctx).await {
         Ok(fetched) => fetched,
+        // A URL the operator refuses to fetch stays refused until the Model changes.
+        Err(Error::Fetch(error)) if error.is_permanent() => {
+            return refuse(model, ctx, &plan::source_refused(&error)).await;
+        }
         Err(error) => {
             let status = plan::progress_status(
                 model,
@@ -160,6 +164,9 @@ async fn reconcile_model(model: &Model, ctx: &Context) -> Result<Action, Error> 
     ctx.metrics.fetched(bytes.len() as u64);
     let source_hex = crate::artifacts::store::sha256_hex(&bytes);
     if let Err(refusal) = plan::check_digest(&source_hex, expected_digest.as_deref()) {
+        // The digest of what was fetched goes to the operator's log only: in status
+        // it would let a Model author learn the digest of any file the operator reaches.
+        tracing::warn!(model = %object_key(model), fetched_sha256 = %source_hex, "the source does not match its declared sha256");
         return refuse(model, ctx, &refusal).await;
     }
     let versions = model

@@ -293,11 +293,21 @@ pub fn check_digest(source_hex: &str, declared: Option<&str>) -> Result<(), Refu
         Some(declared) if declared != source_hex => Err(Refusal {
             reason: conditions::model::DIGEST_MISMATCH,
             message: format!(
-                "the source's sha256 is {source_hex} but spec.source.http.sha256 says {declared}; \
-                 nothing was stored. Fix the sha256 or the URL"
+                "the downloaded content does not match spec.source.http.sha256 ({declared}); \
+                 nothing was stored. Fix the sha256 or the URL (the operator's log has the \
+                 digest of what was downloaded)"
             ),
         }),
         _ => Ok(()),
+    }
+}
+
+/// Refuses a source URL the operator will not fetch (not http(s), or an address its
+/// policy refuses): only a change to the Model or to the operator's flags helps.
+pub fn source_refused(error: &crate::artifacts::fetch::FetchError) -> Refusal {
+    Refusal {
+        reason: conditions::model::SOURCE_REFUSED,
+        message: error.to_string(),
     }
 }
 
@@ -545,7 +555,12 @@ spec:
         assert_eq!(check_digest("abc", Some("abc")), Ok(()));
         let mismatch = check_digest("abc", Some("def")).expect_err("a mismatch is refused");
         assert_eq!(mismatch.reason, "DigestMismatch");
-        assert!(mismatch.message.contains("abc") && mismatch.message.contains("Fix the sha256"));
+        assert!(mismatch.message.contains("def") && mismatch.message.contains("Fix the sha256"));
+        assert!(
+            !mismatch.message.contains("abc"),
+            "the fetched digest stays out of status: {}",
+            mismatch.message
+        );
 
         let gate = gate_failed(CompressionMode::Int8, "2.0", "top-1 agreement 0.91 < 0.99");
         assert_eq!(gate.reason, "ValidationFailed");

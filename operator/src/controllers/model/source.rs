@@ -14,7 +14,13 @@ pub(super) async fn fetch_source(
     ctx: &Context,
 ) -> Result<(Vec<u8>, Option<String>), Error> {
     if let Some(http) = &model.spec.source.http {
-        let bytes = fetch_http(&ctx.http, &http.url, ctx.max_model_bytes).await?;
+        let bytes = fetch_http(
+            &ctx.http,
+            &ctx.source_policy,
+            &http.url,
+            ctx.max_model_bytes,
+        )
+        .await?;
         return Ok((bytes, Some(http.sha256.clone())));
     }
     let Some(source) = &model.spec.source.config_map else {
