@@ -952,3 +952,70 @@ async fn agent_api_presents_a_renewed_certificate_without_a_restart() -> anyhow:
     );
     fleet.finish().await
 }
+
+/// Issue: an accepted token stayed accepted from the operator's cache for 60 s after
+/// its pod was deleted. Now a deleted agent pod's token is checked again at once (and
+/// the API server refuses it); no cached verdict outlives the token either.
+#[tokio::test]
+async fn a_deleted_agent_pods_token_is_refused_without_waiting_for_the_cache() -> anyhow::Result<()>
+{
+    let fleet = start_fleet("agent-api-pod-gone", &[]).await?;
+    let node = fleet.nodes[0].name.clone();
+    let pod = fleet.agent_pod(&node).await?;
+    let token = fleet.agent_token(&node).await?;
+    let path = assignment_path(&node);
+    let accepted = get(&fleet, &path, Some(&token), HeaderMap::new()).await;
+    ensure!(
+        accepted.status() == StatusCode::OK,
+        "the agent's token is accepted (and cached): {}",
+        accepted.status()
+    );
+
+    let pods = fleet.api::<Pod>();
+    let uid = pods.get(&pod).await?.metadata.uid;
+    pods.delete(
+        &pod,
+        &kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let deleted = Instant::now();
+    // The DaemonSet makes a new pod with another UID; the old one must be gone.
+    while pods
+        .get_opt(&pod)
+        .await?
+        .is_some_and(|p| p.metadata.uid == uid)
+    {
+        ensure!(
+            deleted.elapsed() < Duration::from_secs(30),
+            "pod {pod} was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Well inside the cache's 60 s: the token of the deleted pod is refused.
+    let refused_after = loop {
+        let response = get(&fleet, &path, Some(&token), HeaderMap::new()).await;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            break deleted.elapsed();
+        }
+        ensure!(
+            deleted.elapsed() < Duration::from_secs(20),
+            "the deleted pod's token was still accepted {:?} after the delete: {}",
+            deleted.elapsed(),
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("a deleted pod's token was refused {refused_after:?} after the delete");
+    // The new pod's token works.
+    let new_token = fleet.agent_token(&node).await?;
+    let response = get(&fleet, &path, Some(&new_token), HeaderMap::new()).await;
+    ensure!(
+        response.status() == StatusCode::OK,
+        "the new pod's token is accepted: {}",
+        response.status()
+    );
+    fleet.finish().await
+}

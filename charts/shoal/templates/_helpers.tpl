@@ -84,6 +84,10 @@ in watchNamespace otherwise. Every verb here is one the operator's code calls.
 - apiGroups: ["shoal.dev"]
   resources: ["edgepools/finalizers"]
   verbs: ["update"]
+# The agent API watches agent pods (label shoal.dev/pool, metadata only) so that a deleted pod's token is not accepted from its cache.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
 # Model sources and validation datasets of kind configMap are read from the Model's namespace.
 - apiGroups: [""]
   resources: ["configmaps"]

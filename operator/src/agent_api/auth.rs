@@ -16,6 +16,8 @@ use tokio::sync::Semaphore;
 /// The extra the API server adds to pod-bound tokens (Kubernetes 1.30 and later):
 /// the node the pod runs on.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The extra of pod-bound tokens that names the pod's UID.
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
 const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 /// TokenReviews in flight at once: a fleet that reconnects together (after an
@@ -44,6 +46,8 @@ pub struct ReviewedToken {
     pub username: String,
     /// The node of the pod the token is bound to; None for tokens not bound to a pod.
     pub node: Option<String>,
+    /// The UID of the pod the token is bound to; None for tokens not bound to a pod.
+    pub pod_uid: Option<String>,
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -86,17 +90,70 @@ pub fn reviewed_token(status: Option<&TokenReviewStatus>) -> Result<ReviewedToke
         )));
     }
     let user = status.user.as_ref();
-    let node = user
-        .and_then(|user| user.extra.as_ref())
-        .and_then(|extra| extra.get(NODE_NAME_EXTRA))
-        .and_then(|values| values.first())
-        .cloned();
+    let extra = |name: &str| {
+        user.and_then(|user| user.extra.as_ref())
+            .and_then(|extra| extra.get(name))
+            .and_then(|values| values.first())
+            .cloned()
+    };
     Ok(ReviewedToken {
         username: user
             .and_then(|user| user.username.clone())
             .unwrap_or_default(),
-        node,
+        node: extra(NODE_NAME_EXTRA),
+        pod_uid: extra(POD_UID_EXTRA),
     })
+}
+
+/// The `exp` claim (Unix seconds) of a JWT, read without checking its signature:
+/// only for a token the API server has just accepted, to cache it no longer than
+/// it is valid. None when the token is not a JWT with a numeric `exp`.
+pub fn token_expiry(token: &str) -> Option<i64> {
+    let payload = token.split('.').nth(1)?;
+    let json = base64url_decode(payload)?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    claims.get("exp")?.as_i64()
+}
+
+/// How long an accepted token may be taken from the cache: [`ACCEPTED_TTL`], but
+/// never past its expiry; None (do not cache) when it has expired already.
+pub fn accepted_ttl(expiry: Option<i64>, now_unix: i64) -> Option<Duration> {
+    match expiry {
+        None => Some(ACCEPTED_TTL),
+        Some(expiry) if expiry <= now_unix => None,
+        Some(expiry) => {
+            let left = Duration::from_secs(u64::try_from(expiry - now_unix).unwrap_or(0));
+            Some(left.min(ACCEPTED_TTL))
+        }
+    }
+}
+
+/// Decodes unpadded (or padded) base64url, as JWT segments are written.
+fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        })
+    };
+    let digits = text.trim_end_matches('=').as_bytes();
+    if digits.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    for chunk in digits.chunks(4) {
+        let mut bits = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            bits |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = bits.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
 }
 
 /// The authorization rule. A caller is the agent of pool `P` in namespace `N` on
@@ -177,14 +234,25 @@ impl TokenReviewer {
     }
 
     /// What the API server says about `token` (401 when it is not valid for
-    /// audience `shoal`), from the cache when it was asked recently.
-    pub async fn review(&self, token: &str) -> Result<ReviewedToken, AuthError> {
+    /// audience `shoal`), from the cache when it was asked recently, unless the pod
+    /// the token is bound to has been deleted since (`pod_deleted` of its UID). An
+    /// accepted token is cached for at most [`ACCEPTED_TTL`] and never past its
+    /// own expiry.
+    pub async fn review(
+        &self,
+        token: &str,
+        pod_deleted: impl Fn(&str) -> bool,
+    ) -> Result<ReviewedToken, AuthError> {
         if let Some(verdict) = self.cache.get(token, Instant::now()) {
-            return verdict;
+            let pod_gone = matches!(&verdict, Ok(reviewed) if reviewed.pod_uid.as_deref().is_some_and(&pod_deleted));
+            if !pod_gone {
+                return verdict;
+            }
         }
         let verdict = self.ask_api_server(token).await;
+        let now_unix = k8s_openapi::jiff::Timestamp::now().as_second();
         let ttl = match &verdict {
-            Ok(_) => Some(ACCEPTED_TTL),
+            Ok(_) => accepted_ttl(token_expiry(token), now_unix),
             Err(AuthError::Unauthenticated(_)) => Some(REJECTED_TTL),
             // Not the token's fault: ask again next time.
             Err(_) => None,
@@ -308,7 +376,8 @@ mod tests {
             ok,
             Ok(ReviewedToken {
                 username: AGENT.into(),
-                node: Some("n1".into())
+                node: Some("n1".into()),
+                pod_uid: None,
             })
         );
         let rejected = reviewed_token(Some(&status(false, &[], "", None)));
@@ -330,6 +399,7 @@ mod tests {
         let token = |username: &str, node: Option<&str>| ReviewedToken {
             username: username.into(),
             node: node.map(String::from),
+            pod_uid: None,
         };
         let agent = Agent {
             namespace: "shop".into(),
@@ -393,5 +463,38 @@ mod tests {
                 other => panic!("{what}: expected 403, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_pod_bound_token_names_its_pod() {
+        let mut answer = status(true, &["shoal"], AGENT, Some("n1"));
+        if let Some(extra) = answer.user.as_mut().and_then(|u| u.extra.as_mut()) {
+            extra.insert(POD_UID_EXTRA.into(), vec!["uid-1".into()]);
+        }
+        let reviewed = reviewed_token(Some(&answer)).expect("accepted");
+        assert_eq!(reviewed.pod_uid.as_deref(), Some("uid-1"));
+    }
+
+    #[test]
+    fn the_cache_never_outlives_the_token() {
+        // {"aud":["shoal"],"exp":1750000100,"sub":"x"} as a JWT payload.
+        let payload = "eyJhdWQiOlsic2hvYWwiXSwiZXhwIjoxNzUwMDAwMTAwLCJzdWIiOiJ4In0";
+        let token = format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2lnbmF0dXJl");
+        assert_eq!(token_expiry(&token), Some(1_750_000_100));
+        assert_eq!(token_expiry("not-a-jwt"), None);
+        assert_eq!(token_expiry("a.!!!.c"), None);
+        assert_eq!(
+            accepted_ttl(Some(1_750_000_100), 1_750_000_000),
+            Some(ACCEPTED_TTL)
+        );
+        assert_eq!(
+            accepted_ttl(Some(1_750_000_100), 1_750_000_090),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(accepted_ttl(Some(1_750_000_100), 1_750_000_100), None);
+        assert_eq!(accepted_ttl(None, 1_750_000_000), Some(ACCEPTED_TTL));
+        assert_eq!(base64url_decode("aGk").as_deref(), Some(&b"hi"[..]));
+        assert_eq!(base64url_decode("aGk=").as_deref(), Some(&b"hi"[..]));
+        assert_eq!(base64url_decode("a"), None);
     }
 }

@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use shoal_api::agent_protocol::{MAX_REPORT_BYTES, PREFIX};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -93,7 +93,11 @@ impl AgentApi {
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok());
         let token = bearer_token(header)?;
-        let reviewed = self.reviewer.review(token).await?;
+        let deleted_pods = &self.fleet.deleted_pods;
+        let reviewed = self
+            .reviewer
+            .review(token, |uid| deleted_pods.contains(uid, Instant::now()))
+            .await?;
         if !self.fleet.cluster.is_synced() {
             return Err(ApiError::not_synced());
         }

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How long an accepted token is trusted without asking again. A token revoked by
-/// deleting its pod stays usable for at most this long.
+/// How long an accepted token is trusted without asking again, at most: never past
+/// the token's own expiry, and not once the pod it is bound to has been deleted
+/// (the agent API checks both before it takes a verdict from here).
 pub const ACCEPTED_TTL: Duration = Duration::from_secs(60);
 /// How long a rejected token is refused without asking again; short, so that a
 /// token that was not yet valid (clock skew, a pod just created) recovers soon.

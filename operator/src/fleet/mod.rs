@@ -5,12 +5,14 @@
 
 pub mod cluster_view;
 pub mod counter_deltas;
+pub mod deleted_pods;
 pub mod pool_agents;
 pub mod recent_assignments;
 pub mod reports;
 pub mod series_pruning;
 
 use crate::fleet::cluster_view::ClusterView;
+use crate::fleet::deleted_pods::DeletedPods;
 use crate::fleet::pool_agents::{PoolAgents, PoolNode, pool_agents};
 use crate::fleet::recent_assignments::{NamespacedVersion, RecentAssignments};
 use crate::fleet::reports::{Agent, ReportIndex};
@@ -31,6 +33,8 @@ pub struct Fleet {
     pub reports: ReportIndex,
     /// What each agent was assigned lately: what it may download and report.
     pub assigned: RecentAssignments,
+    /// Agent pods deleted lately: their tokens are checked again, not cached.
+    pub deleted_pods: DeletedPods,
     /// An agent silent for longer than this counts as stale.
     pub stale_after: Duration,
     pub started: Timestamp,
@@ -46,6 +50,7 @@ impl Fleet {
             cluster: ClusterView::new(),
             reports: ReportIndex::new(started),
             assigned: RecentAssignments::new(),
+            deleted_pods: DeletedPods::default(),
             stale_after,
             started,
             leading: AtomicBool::new(true),
@@ -90,7 +95,12 @@ impl Fleet {
     /// Starts the watches that keep the cluster view current, in the background.
     pub fn follow_cluster(self: &Arc<Self>, client: kube::Client, namespace: Option<String>) {
         let fleet = self.clone();
+        let pods = (self.clone(), client.clone(), namespace.clone());
         tokio::spawn(async move { fleet.cluster.run(client, namespace).await });
+        tokio::spawn(async move {
+            let (fleet, client, namespace) = pods;
+            fleet.deleted_pods.follow(client, namespace).await
+        });
     }
 
     /// The agents of one pool, aggregated; None until the cluster view has synced
