@@ -3,6 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use shoal_operator::agent_api::connection_limits::{self, ConnectionLimits};
 use shoal_operator::agent_api::listener::{AgentApiListener, TlsFiles};
 use shoal_operator::agent_api::{AgentApi, parse_duration_flag};
 use shoal_operator::artifacts::fetch;
@@ -85,6 +86,14 @@ struct RunArgs {
     /// shoal-agent-<pool>-ca, passed as --control-plane-ca).
     #[arg(long, env = "SHOAL_AGENT_API_CA")]
     agent_api_ca: Option<PathBuf>,
+    /// Connections the agent API holds at once; more are closed when accepted.
+    #[arg(long, env = "SHOAL_AGENT_API_MAX_CONNECTIONS", default_value_t = connection_limits::DEFAULT_MAX_CONNECTIONS)]
+    agent_api_max_connections: usize,
+    /// Connections the agent API holds at once from one source address (0: no cap).
+    /// Raise it when agents come through a NAT or load balancer that hides their
+    /// addresses.
+    #[arg(long, env = "SHOAL_AGENT_API_MAX_CONNECTIONS_PER_SOURCE", default_value_t = connection_limits::DEFAULT_MAX_PER_SOURCE)]
+    agent_api_max_connections_per_source: usize,
     /// An agent that has not reported for this long counts as stale (90s, 2m, …).
     #[arg(long, env = "SHOAL_AGENT_STALE_AFTER", default_value = "90s", value_parser = parse_duration_flag)]
     agent_stale_after: Duration,
@@ -174,6 +183,39 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: the default soft limit
+/// (often 1024) is far below the agent API's connection cap, and the process would
+/// fail to accept (or to open an artifact) long before reaching it.
+fn raise_open_files_limit(wanted_connections: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    let mut now = before;
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => now = limit.maximum,
+            Err(error) => {
+                tracing::warn!(%error, soft = ?before, hard = ?limit.maximum, "cannot raise the open-files limit")
+            }
+        }
+    }
+    // None: no limit.
+    let needed = wanted_connections as u64 + 1024;
+    if now.is_some_and(|open_files| open_files < needed) {
+        tracing::warn!(
+            open_files = ?now,
+            agent_api_max_connections = wanted_connections,
+            "the open-files limit is below the agent API's connection cap plus room for artifacts and API calls: raise the container's nofile limit or lower --agent-api-max-connections"
+        );
+    } else {
+        tracing::info!(open_files = ?now, was = ?before, "open-files limit");
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn")
@@ -204,7 +246,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .tls_cert
         .zip(args.tls_key)
         .map(|(cert, key)| TlsFiles { cert, key });
-    let agent_listener = AgentApiListener::bind(args.agent_api_addr, tls.as_ref()).await?;
+    raise_open_files_limit(args.agent_api_max_connections);
+    let limits = ConnectionLimits::new(
+        args.agent_api_max_connections,
+        args.agent_api_max_connections_per_source,
+    );
+    let agent_listener = AgentApiListener::bind(args.agent_api_addr, tls.as_ref(), limits).await?;
     let fleet = Arc::new(Fleet::new(args.agent_stale_after));
     let agent_api = AgentApi::new(
         client.clone(),

@@ -1019,3 +1019,145 @@ async fn a_deleted_agent_pods_token_is_refused_without_waiting_for_the_cache() -
     );
     fleet.finish().await
 }
+
+/// Resident and peak resident memory of process `pid` (VmRSS, VmHWM), in bytes.
+fn memory_of(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status
+            .lines()
+            .find(|line| line.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .context("a number of kB")?
+            .parse()?;
+        Ok(kib * 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// One unauthenticated client: declares a 256 KiB report, sends all but its last
+/// byte, and holds the connection open until `hold` is released. Returns the status
+/// the operator answered and how long after the headers it came.
+async fn stalled_report(
+    source: std::net::Ipv4Addr,
+    operator: std::net::SocketAddr,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    hold: std::sync::Arc<tokio::sync::Semaphore>,
+) -> anyhow::Result<(u16, Duration)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    const DECLARED: usize = 256 * 1024;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((source, 0).into())?;
+    let stream = socket.connect(operator).await?;
+    let (read, mut write) = stream.into_split();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: shoal-operator\r\nContent-Type: application/json\r\nContent-Length: {DECLARED}\r\n\r\n",
+        report_path("store-0001")
+    );
+    write.write_all(head.as_bytes()).await?;
+    let sent = Instant::now();
+    let body = tokio::spawn(async move {
+        // All but the last byte, then silence; the operator may close first.
+        let _ = write.write_all(&vec![b' '; DECLARED - 1]).await;
+        write
+    });
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut status_line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut status_line))
+        .await
+        .context("no answer within 30 s")??;
+    let answered_after = sent.elapsed();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP status line: {status_line:?}"))?;
+    // Stall: keep the socket open until every client has its answer.
+    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let _held = hold.acquire().await;
+    drop(body);
+    Ok((status, answered_after))
+}
+
+/// Issue: the report endpoint read up to 256 KiB of body before it authenticated,
+/// and the listener had no cap, so stalled clients without a token could hold the
+/// operator's memory and file descriptors. Now no body is read before the token
+/// is checked: 2,000 such clients (from 8 source addresses, inside the default cap
+/// of 256 per source) each get 401 at once, and the operator's memory hardly moves.
+#[tokio::test]
+async fn stalled_unauthenticated_reports_cost_the_operator_almost_nothing() -> anyhow::Result<()> {
+    const CLIENTS: usize = 2_000;
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )?;
+    let client = shoal_tests::client().await?;
+    shoal_tests::install_crds(&client).await?;
+    let namespace = shoal_tests::TestNamespace::create(&client, "agent-api-flood").await?;
+    let operator = Operator::start(namespace.name()).await?;
+    let pid = operator.pid().context("the operator runs")?;
+    let addr: std::net::SocketAddr = operator.agent_api_addr().parse()?;
+    let (rss_before, _) = memory_of(pid)?;
+
+    let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 8) as u8);
+            tokio::spawn(stalled_report(source, addr, answered.clone(), hold.clone()))
+        })
+        .collect();
+    // Wait until every client has its answer and holds its connection open (or
+    // one failed: its error is reported below).
+    let started = Instant::now();
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < CLIENTS
+        && !clients.iter().any(|c| c.is_finished())
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (rss_during, peak) = memory_of(pid)?;
+    hold.add_permits(CLIENTS);
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut times = Vec::new();
+    for client in clients {
+        let (status, answered) = client.await??;
+        *statuses.entry(status).or_insert(0usize) += 1;
+        times.push(answered);
+    }
+    times.sort();
+    let growth = peak.saturating_sub(rss_before);
+    eprintln!(
+        "{CLIENTS} stalled unauthenticated reports: statuses {statuses:?}; answered after median {:?}, \
+         slowest {:?}; operator RSS {} MiB before, {} MiB with the clients connected, peak growth {} MiB",
+        times[times.len() / 2],
+        times[times.len() - 1],
+        rss_before >> 20,
+        rss_during >> 20,
+        growth >> 20
+    );
+    ensure!(
+        statuses.get(&401) == Some(&CLIENTS),
+        "every client without a token gets 401: {statuses:?}"
+    );
+    ensure!(
+        times[times.len() / 2] < Duration::from_secs(1),
+        "the 401 comes without waiting for the body: median {:?}",
+        times[times.len() / 2]
+    );
+    ensure!(
+        growth < 50 << 20,
+        "the operator's memory grew by {} MiB for clients it never authenticated",
+        growth >> 20
+    );
+    operator.stop().await?;
+    namespace.delete().await
+}

@@ -8,13 +8,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{self, ServerConfig};
 
 use super::certificate::ReloadingCertificate;
 pub use super::certificate::TlsFiles;
+use super::connection_limits::{ConnectionLimits, Refused};
 
 /// A client that has not finished its TLS handshake, or sent its request headers,
 /// within this long is dropped.
@@ -24,12 +25,18 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AgentApiListener {
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    limits: Arc<ConnectionLimits>,
 }
 
 impl AgentApiListener {
     /// Binds `addr`, loading the certificate first so a bad one stops the operator
-    /// at start instead of failing every agent's handshake.
-    pub async fn bind(addr: SocketAddr, tls: Option<&TlsFiles>) -> anyhow::Result<Self> {
+    /// at start instead of failing every agent's handshake. Connections beyond
+    /// `limits` are closed as soon as they are accepted.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Option<&TlsFiles>,
+        limits: Arc<ConnectionLimits>,
+    ) -> anyhow::Result<Self> {
         if tls.is_none() && !addr.ip().is_loopback() {
             bail!(
                 "the agent API would take agents' tokens over plain HTTP on {addr}: give --tls-cert and \
@@ -40,60 +47,96 @@ impl AgentApiListener {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for agents on {addr}"))?;
-        Ok(Self { listener, tls })
+        Ok(Self {
+            listener,
+            tls,
+            limits,
+        })
     }
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
-    /// Serves `app` until the process ends.
+    /// Serves `app` until the process ends: one task per admitted connection, HTTP/1.1
+    /// over TLS or plain TCP.
     pub async fn serve(self, app: Router) {
-        match self.tls {
-            None => {
-                if let Err(error) = axum::serve(self.listener, app).await {
-                    tracing::error!(%error, "agent API stopped");
+        let mut refused_since_log = 0u64;
+        let mut last_log: Option<Instant> = None;
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "agent API cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
-            Some(acceptor) => serve_tls(self.listener, acceptor, app).await,
+            };
+            let guard = match self.limits.admit(peer.ip()) {
+                Ok(guard) => guard,
+                Err(refused) => {
+                    drop(stream);
+                    refused_since_log += 1;
+                    if last_log.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                        let cap = match refused {
+                            Refused::Total(cap) => {
+                                format!("{cap} connections in all (--agent-api-max-connections)")
+                            }
+                            Refused::PerSource(cap) => format!(
+                                "{cap} connections from {} (--agent-api-max-connections-per-source)",
+                                peer.ip()
+                            ),
+                        };
+                        tracing::warn!(
+                            refused = refused_since_log,
+                            "agent API refused connections over its cap of {cap}"
+                        );
+                        refused_since_log = 0;
+                        last_log = Some(Instant::now());
+                    }
+                    continue;
+                }
+            };
+            let tls = self.tls.clone();
+            let service = TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _counted = guard;
+                match tls {
+                    None => serve_connection(TokioIo::new(stream), service, peer).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(stream)) => {
+                                serve_connection(TokioIo::new(stream), service, peer).await
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake with an agent failed");
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake with an agent timed out");
+                            }
+                        }
+                    }
+                }
+            });
         }
     }
 }
 
-async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                tracing::warn!(%error, "agent API cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake with an agent failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake with an agent timed out");
-                        return;
-                    }
-                };
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "agent connection ended with an error");
-            }
-        });
+/// How often refused connections are logged (with a count), at most.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+async fn serve_connection<I>(io: I, service: TowerToHyperService<Router>, peer: SocketAddr)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, service);
+    if let Err(error) = connection.await {
+        tracing::debug!(%peer, %error, "agent connection ended with an error");
     }
 }
 

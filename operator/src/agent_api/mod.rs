@@ -10,6 +10,7 @@ pub mod assignment_poll;
 pub mod auth;
 pub mod byte_range;
 pub mod certificate;
+pub mod connection_limits;
 pub mod listener;
 pub mod report_intake;
 pub mod token_cache;

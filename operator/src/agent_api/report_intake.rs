@@ -6,18 +6,26 @@
 use crate::agent_api::{AgentApi, ApiError};
 use crate::fleet::reports::{keep_assigned, validate_report};
 use crate::runtime::metrics::FleetLabels;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use k8s_openapi::jiff::Timestamp;
-use shoal_api::agent_protocol::AgentReport;
+use shoal_api::agent_protocol::{AgentReport, MAX_REPORT_BYTES};
+use std::time::Duration;
+
+/// How long an authenticated agent may take to send its report's body (at most
+/// 256 KiB; a few KiB usually).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub async fn report(
     State(api): State<AgentApi>,
     Path(node): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<StatusCode, ApiError> {
+    // Who is calling is settled from the headers alone: no byte of the body is read
+    // for a client without a valid token, so unauthenticated clients cannot make
+    // the operator hold their bodies in memory.
     let agent = api.authenticate(&headers, Some(&node)).await?;
     if !api.fleet.is_leading() {
         // Reports feed status and rollout analysis, which only the leader writes.
@@ -29,6 +37,7 @@ pub async fn report(
              (through the Service it reaches any replica, the leader among them)",
         ));
     }
+    let body = read_report_body(body).await?;
     let report: AgentReport = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!("the body is not an AgentReport in JSON: {error}"))
     })?;
@@ -78,4 +87,26 @@ pub async fn report(
         }
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The report's body, at most [`MAX_REPORT_BYTES`], within [`BODY_READ_TIMEOUT`].
+async fn read_report_body(body: Body) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, MAX_REPORT_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a report is at most {MAX_REPORT_BYTES} bytes (or its body ended early); send fewer models per report"
+            ),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the report's body did not arrive within {BODY_READ_TIMEOUT:?}; send it again"),
+        )),
+    }
 }
