@@ -82,7 +82,7 @@ for check in "yes get configmaps -n $flow_ns" "yes create tokenreviews.authentic
   "yes create services -n $flow_ns" "yes patch services -n $flow_ns" "no delete services -n $flow_ns" \
   "yes list nodes" "no list secrets -A" "no get secrets -n $release_ns" "no delete nodes" \
   "no create deployments.apps -n $flow_ns" "no delete models.shoal.dev -n $flow_ns" \
-  "no list configmaps -A" "no create pods -n $flow_ns" "yes watch pods -n $flow_ns" "no get pods -n $flow_ns" "no update leases.coordination.k8s.io -n $flow_ns"; do
+  "no list configmaps -A" "no create pods -n $flow_ns" "yes watch pods -n $flow_ns" "no get pods -n $flow_ns" "yes get /openid/v1/jwks" "no update leases.coordination.k8s.io -n $flow_ns"; do
   read -r want verb resource rest <<<"$check"
   # shellcheck disable=SC2086
   got=$(kubectl auth can-i "$verb" "$resource" $rest --as "$who" 2>/dev/null || true)

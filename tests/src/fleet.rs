@@ -74,6 +74,9 @@ pub struct FleetSpec<'a> {
     pub auto_rollback: bool,
     /// The timeout of every request made with [`Fleet::http`].
     pub http_timeout: Duration,
+    /// The operator's kubeconfig; None: the local control plane's. One through a
+    /// [`crate::stall_proxy::StallProxy`] makes its API calls slow or hang.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 /// A kwok node of a fleet.
@@ -110,7 +113,12 @@ impl Fleet {
         install_crds(&client).await?;
         let namespace = TestNamespace::create(&client, spec.prefix).await?;
         let ns = namespace.name().to_string();
-        let operator = Operator::start_with_args(&ns, spec.operator_args).await?;
+        let operator = match &spec.kubeconfig {
+            Some(kubeconfig) => {
+                Operator::start_with_kubeconfig(&ns, spec.operator_args, kubeconfig).await?
+            }
+            None => Operator::start_with_args(&ns, spec.operator_args).await?,
+        };
         let mut nodes = Vec::new();
         for &(pool, count) in spec.pools {
             for i in 0..count {

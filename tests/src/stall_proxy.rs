@@ -1,11 +1,12 @@
-//! A TCP proxy on 127.0.0.1 that can stall: while stalled it accepts connections and
-//! reads what both sides send but forwards nothing, so every call through it hangs
-//! (as behind a dead network link or an overloaded API server) without the
-//! connection being refused or reset. Used to hang a process's API-server calls.
+//! A TCP proxy on 127.0.0.1 that can stall or slow down: while stalled it accepts
+//! connections and reads what both sides send but forwards nothing, so every call
+//! through it hangs (as behind a dead network link or an overloaded API server)
+//! without the connection being refused or reset; with a latency it holds each
+//! chunk that long before forwarding it. Used on a process's API-server calls.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +18,7 @@ const STALL_POLL: Duration = Duration::from_millis(20);
 pub struct StallProxy {
     addr: SocketAddr,
     stalled: Arc<AtomicBool>,
+    latency_micros: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -26,10 +28,11 @@ impl StallProxy {
         let listener = TcpListener::bind(("127.0.0.1", crate::ports::free_port()?)).await?;
         let addr = listener.local_addr()?;
         let stalled = Arc::new(AtomicBool::new(false));
-        let flag = stalled.clone();
+        let latency_micros = Arc::new(AtomicU64::new(0));
+        let (flag, latency) = (stalled.clone(), latency_micros.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let flag = flag.clone();
+                let (flag, latency) = (flag.clone(), latency.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
@@ -37,8 +40,8 @@ impl StallProxy {
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
                     tokio::join!(
-                        copy(client_read, server_write, flag.clone()),
-                        copy(server_read, client_write, flag),
+                        copy(client_read, server_write, flag.clone(), latency.clone()),
+                        copy(server_read, client_write, flag, latency),
                     );
                 });
             }
@@ -46,6 +49,7 @@ impl StallProxy {
         Ok(StallProxy {
             addr,
             stalled,
+            latency_micros,
             task,
         })
     }
@@ -64,6 +68,13 @@ impl StallProxy {
     pub fn resume(&self) {
         self.stalled.store(false, Ordering::SeqCst);
     }
+
+    /// Holds every chunk `latency` before forwarding it, each way: a request and its
+    /// answer take about twice that longer.
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_micros
+            .store(latency.as_micros() as u64, Ordering::SeqCst);
+    }
 }
 
 impl Drop for StallProxy {
@@ -76,6 +87,7 @@ async fn copy(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     stalled: Arc<AtomicBool>,
+    latency_micros: Arc<AtomicU64>,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -88,6 +100,10 @@ async fn copy(
         };
         while stalled.load(Ordering::SeqCst) {
             tokio::time::sleep(STALL_POLL).await;
+        }
+        let latency = latency_micros.load(Ordering::SeqCst);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_micros(latency)).await;
         }
         if to.write_all(&buffer[..read]).await.is_err() {
             break;

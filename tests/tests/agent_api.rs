@@ -16,7 +16,9 @@ use shoal_api::EdgePool;
 use shoal_api::agent_protocol::{
     AgentReport, Assignment, ModelReport, ModelState, artifact_path, assignment_path, report_path,
 };
+use shoal_tests::cluster::{api_server_addr, write_kubeconfig_via};
 use shoal_tests::fleet::{AUDIENCE, CONFIG_MAP, Fleet, FleetSpec, MODEL, agent_service_account};
+use shoal_tests::stall_proxy::StallProxy;
 use shoal_tests::{
     KWOK_NODE_KEY, Operator, pod_token, serving_certificate, sha256_hex, tiny_onnx_model,
     unbound_token, wait_for,
@@ -56,6 +58,7 @@ async fn start_fleet_of(
         auto_rollback: true,
         // Longer than the longest long-poll the operator grants (60 s).
         http_timeout: Duration::from_secs(90),
+        kubeconfig: None,
     })
     .await?;
     // Assignments follow the plan the rollout controller writes in status.
@@ -1160,4 +1163,135 @@ async fn stalled_unauthenticated_reports_cost_the_operator_almost_nothing() -> a
     );
     operator.stop().await?;
     namespace.delete().await
+}
+
+/// The value of `shoal_agent_api_token_reviews_total{outcome="<outcome>"}`.
+fn token_reviews(metrics: &str, outcome: &str) -> u64 {
+    let prefix = format!("shoal_agent_api_token_reviews_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+/// Issue: every unknown bearer string cost a TokenReview, attackers and agents
+/// shared the same places, and made-up tokens filled the negative cache, so an
+/// agent whose verdict expired during a flood could not report, went stale and
+/// rolled rollouts back. Now a token the service-account issuer did not sign is
+/// refused without a TokenReview. 2,000 distinct bad tokens a second for 3 minutes,
+/// with every API call of the operator 20 ms slower: the real agent's reports
+/// (through two expiries of its cached verdict) all succeed, no bad token costs a
+/// TokenReview, and the rollout keeps its phase.
+#[tokio::test]
+async fn a_flood_of_made_up_tokens_does_not_starve_a_real_agent() -> anyhow::Result<()> {
+    const FLOOD: Duration = Duration::from_secs(180);
+    const WORKERS: u64 = 40;
+    const PER_WORKER_EVERY: Duration = Duration::from_millis(20); // 40 × 50/s = 2,000/s
+    let proxy = StallProxy::start(api_server_addr()?).await?;
+    proxy.set_latency(Duration::from_millis(10));
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig_via(proxy.addr(), &kubeconfig)?;
+    let fleet = Fleet::start(FleetSpec {
+        prefix: "agent-api-token-flood",
+        operator_args: &[],
+        pools: &[(POOL, 2)],
+        model_files: vec![("v1", tiny_onnx_model())],
+        auto_rollback: true,
+        http_timeout: Duration::from_secs(90),
+        kubeconfig: Some(kubeconfig),
+    })
+    .await?;
+    fleet
+        .wait_rollout("planned at 1.0", |s| {
+            s.canary_version.as_deref() == Some("1.0")
+        })
+        .await?;
+    let phase_before = fleet.rollout().await?.status.and_then(|s| s.phase);
+    let node = fleet.nodes[0].name.clone();
+    let token = fleet.agent_token(&node).await?;
+    let before = fleet.operator.metrics().await?;
+    let fleet = std::sync::Arc::new(fleet);
+
+    let started = Instant::now();
+    let flooders: Vec<_> = (0..WORKERS)
+        .map(|worker| {
+            let fleet = fleet.clone();
+            let node = node.clone();
+            tokio::spawn(async move {
+                let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
+                let mut tick = tokio::time::interval(PER_WORKER_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut i = 0u64;
+                while started.elapsed() < FLOOD {
+                    tick.tick().await;
+                    i += 1;
+                    let noise = sha256_hex(format!("{worker}-{i}").as_bytes());
+                    // Half look like JWTs (an RS256 header without a known key id),
+                    // half are any string.
+                    let bad = if i.is_multiple_of(2) {
+                        format!("eyJhbGciOiJSUzI1NiJ9.{}.{}", &noise[..32], &noise[32..])
+                    } else {
+                        noise
+                    };
+                    let report = report(&node, "2025-01-01T00:00:00Z", "1.0", 1, 0);
+                    let status = post_report(&fleet, &node, Some(&bad), &report)
+                        .await
+                        .status();
+                    *statuses.entry(status.as_u16()).or_default() += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    // The real agent reports every second meanwhile, with growing counters.
+    let mut agent_statuses = std::collections::BTreeMap::<u16, u64>::new();
+    let mut served = 0u64;
+    while started.elapsed() < FLOOD {
+        served += 10;
+        let report = report(&node, "2025-01-01T00:00:00Z", "1.0", served, 0);
+        let status = post_report(&fleet, &node, Some(&token), &report)
+            .await
+            .status();
+        *agent_statuses.entry(status.as_u16()).or_default() += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut flood_statuses = std::collections::BTreeMap::<u16, u64>::new();
+    for flooder in flooders {
+        for (status, count) in flooder.await? {
+            *flood_statuses.entry(status).or_default() += count;
+        }
+    }
+    let after = fleet.operator.metrics().await?;
+    let bad_requests: u64 = flood_statuses.values().sum();
+    let reviewed_rejected = token_reviews(&after, "rejected") - token_reviews(&before, "rejected");
+    let refused_locally =
+        token_reviews(&after, "refused_locally") - token_reviews(&before, "refused_locally");
+    eprintln!(
+        "{bad_requests} bad-token requests in {FLOOD:?} ({:.0}/s): {flood_statuses:?}; \
+         {refused_locally} refused without a TokenReview, {reviewed_rejected} rejected by one; \
+         the real agent's reports: {agent_statuses:?}",
+        bad_requests as f64 / FLOOD.as_secs_f64()
+    );
+    ensure!(
+        flood_statuses.keys().all(|status| *status == 401),
+        "every made-up token gets 401: {flood_statuses:?}"
+    );
+    ensure!(
+        agent_statuses.keys().all(|status| *status == 204),
+        "every report of the real agent succeeds during the flood: {agent_statuses:?}"
+    );
+    ensure!(
+        reviewed_rejected < 10 && refused_locally + 10 >= bad_requests,
+        "made-up tokens cost TokenReviews: {reviewed_rejected} rejected by a TokenReview, \
+         {refused_locally} of {bad_requests} refused locally"
+    );
+    let phase_after = fleet.rollout().await?.status.and_then(|s| s.phase);
+    ensure!(
+        phase_after == phase_before,
+        "the rollout changed phase during the flood: {phase_before:?} -> {phase_after:?}"
+    );
+    let fleet = std::sync::Arc::into_inner(fleet).context("every flooder has finished")?;
+    fleet.finish().await
 }

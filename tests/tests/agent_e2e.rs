@@ -42,6 +42,7 @@ async fn start_fleet(prefix: &str) -> anyhow::Result<Fleet> {
         // tests.
         auto_rollback: false,
         http_timeout: Duration::from_secs(10),
+        kubeconfig: None,
     })
     .await
 }

@@ -42,6 +42,7 @@ async fn start_fleet(prefix: &str, v2: &[u8]) -> anyhow::Result<Fleet> {
         // A version the agent cannot take must stay assigned, not be rolled back.
         auto_rollback: false,
         http_timeout: Duration::from_secs(10),
+        kubeconfig: None,
     })
     .await
 }

@@ -240,6 +240,7 @@ impl Setup {
             ],
             auto_rollback: true,
             http_timeout: Duration::from_secs(5),
+            kubeconfig: None,
         })
         .await?;
         // 2.0 and 3.0 become Ready in the Model; the rollout still says 1.0.

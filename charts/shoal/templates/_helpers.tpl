@@ -125,4 +125,7 @@ in watchNamespace otherwise. Every verb here is one the operator's code calls.
 - apiGroups: ["authentication.k8s.io"]
   resources: ["tokenreviews"]
   verbs: ["create"]
+# Before any TokenReview, tokens are checked against the service-account issuer's public keys (OIDC discovery).
+- nonResourceURLs: ["/.well-known/openid-configuration", "/openid/v1/jwks"]
+  verbs: ["get"]
 {{- end }}

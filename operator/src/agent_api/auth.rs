@@ -2,16 +2,18 @@
 //! token its pod mounts (audience `shoal`); the API server vouches for it through a
 //! TokenReview, and the rule in [`authorize`] decides which agent, if any, it is.
 
-use crate::agent_api::token_cache::{ACCEPTED_TTL, CAPACITY, REJECTED_TTL, TokenCache};
+use crate::agent_api::token_cache::{ACCEPTED_TTL, CAPACITY, REJECTED_TTL, TokenCache, token_key};
+use crate::agent_api::token_signature::{self, IssuerKeys, unchecked_claims};
 use crate::fleet::reports::Agent;
 use crate::runtime::metrics::Metrics;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use shoal_api::agent_protocol::{AGENT_ACCOUNT_PREFIX, TOKEN_AUDIENCE};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 /// The extra the API server adds to pod-bound tokens (Kubernetes 1.30 and later):
 /// the node the pod runs on.
@@ -20,9 +22,18 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
 const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
-/// TokenReviews in flight at once: a fleet that reconnects together (after an
-/// operator restart) must not flood the API server.
-const MAX_CONCURRENT_REVIEWS: usize = 16;
+/// TokenReviews in flight at once, for identities accepted before (an agent whose
+/// token was renewed) and for new ones: a fleet that reconnects together (after an
+/// operator restart) must not flood the API server, and new identities cannot take
+/// the places of agents the operator already knows.
+const MAX_CONCURRENT_RENEWALS: usize = 8;
+const MAX_CONCURRENT_NEW_REVIEWS: usize = 8;
+/// How long an identity counts as known after its last accepted token (projected
+/// tokens are renewed about every 48 min).
+const KNOWN_IDENTITY_TTL: Duration = Duration::from_secs(2 * 3600);
+/// The issuer's keys are read again at most this often (on a token with a key id
+/// they do not hold, or while they could not be read).
+const ISSUER_KEYS_REFRESH: Duration = Duration::from_secs(30);
 /// Projected tokens are about 1 KiB; anything this large is not one.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
@@ -109,10 +120,7 @@ pub fn reviewed_token(status: Option<&TokenReviewStatus>) -> Result<ReviewedToke
 /// only for a token the API server has just accepted, to cache it no longer than
 /// it is valid. None when the token is not a JWT with a numeric `exp`.
 pub fn token_expiry(token: &str) -> Option<i64> {
-    let payload = token.split('.').nth(1)?;
-    let json = base64url_decode(payload)?;
-    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
-    claims.get("exp")?.as_i64()
+    unchecked_claims(token)?.expiry
 }
 
 /// How long an accepted token may be taken from the cache: [`ACCEPTED_TTL`], but
@@ -126,34 +134,6 @@ pub fn accepted_ttl(expiry: Option<i64>, now_unix: i64) -> Option<Duration> {
             Some(left.min(ACCEPTED_TTL))
         }
     }
-}
-
-/// Decodes unpadded (or padded) base64url, as JWT segments are written.
-fn base64url_decode(text: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'-' | b'+' => 62,
-            b'_' | b'/' => 63,
-            _ => return None,
-        })
-    };
-    let digits = text.trim_end_matches('=').as_bytes();
-    if digits.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
-    for chunk in digits.chunks(4) {
-        let mut bits = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            bits |= value(*c)? << (18 - 6 * i);
-        }
-        let bytes = bits.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
 }
 
 /// The authorization rule. A caller is the agent of pool `P` in namespace `N` on
@@ -215,12 +195,37 @@ pub fn authorize(
     })
 }
 
-/// Checks tokens with TokenReviews, remembering the verdicts for a short while.
+/// Checks tokens: first locally against the service-account issuer's keys (a token
+/// it did not sign is refused without a TokenReview), then with a TokenReview, one
+/// per token however many requests carry it at once, remembering the verdicts for
+/// a short while.
 pub struct TokenReviewer {
     client: Client,
     cache: TokenCache<Result<ReviewedToken, AuthError>>,
-    in_flight: Semaphore,
+    /// Usernames accepted lately: their reviews have places of their own.
+    known_identities: TokenCache<()>,
+    renewals: Semaphore,
+    new_reviews: Semaphore,
+    /// Reviews running now, by token key: a second request with the same token
+    /// waits for the first one's answer.
+    in_flight: std::sync::Mutex<HashMap<[u8; 32], Arc<OnceCell<Verdict>>>>,
+    issuer_keys: std::sync::RwLock<Option<Arc<IssuerKeys>>>,
+    /// When the issuer's keys were last fetched (or tried).
+    keys_fetched: tokio::sync::Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
+}
+
+/// What the API server said about a token.
+type Verdict = Result<ReviewedToken, AuthError>;
+
+/// What the local check decided.
+enum LocalCheck {
+    /// Signed by the issuer: a TokenReview decides; the username it claims.
+    Signed(String),
+    /// Refused without a TokenReview.
+    Refused(String),
+    /// The issuer's keys are not known: a TokenReview decides.
+    NoKeys,
 }
 
 impl TokenReviewer {
@@ -228,7 +233,12 @@ impl TokenReviewer {
         Self {
             client,
             cache: TokenCache::new(CAPACITY),
-            in_flight: Semaphore::new(MAX_CONCURRENT_REVIEWS),
+            known_identities: TokenCache::new(CAPACITY),
+            renewals: Semaphore::new(MAX_CONCURRENT_RENEWALS),
+            new_reviews: Semaphore::new(MAX_CONCURRENT_NEW_REVIEWS),
+            in_flight: std::sync::Mutex::new(HashMap::new()),
+            issuer_keys: std::sync::RwLock::new(None),
+            keys_fetched: tokio::sync::Mutex::new(None),
             metrics,
         }
     }
@@ -237,7 +247,8 @@ impl TokenReviewer {
     /// audience `shoal`), from the cache when it was asked recently, unless the pod
     /// the token is bound to has been deleted since (`pod_deleted` of its UID). An
     /// accepted token is cached for at most [`ACCEPTED_TTL`] and never past its
-    /// own expiry.
+    /// own expiry. A token the service-account issuer did not sign is refused
+    /// without asking the API server, and is not cached.
     pub async fn review(
         &self,
         token: &str,
@@ -249,10 +260,31 @@ impl TokenReviewer {
                 return verdict;
             }
         }
-        let verdict = self.ask_api_server(token).await;
+        let claimed = match self.local_check(token).await {
+            LocalCheck::Refused(reason) => {
+                self.metrics.token_reviewed("refused_locally");
+                return Err(AuthError::Unauthenticated(format!(
+                    "{reason}; agents present the projected ServiceAccount token of their pod (audience {TOKEN_AUDIENCE})"
+                )));
+            }
+            LocalCheck::Signed(subject) => Some(subject),
+            LocalCheck::NoKeys => None,
+        };
+        let known = claimed
+            .as_deref()
+            .is_some_and(|subject| self.known_identities.get(subject, Instant::now()).is_some());
+        let verdict = self.review_once(token, known).await;
         let now_unix = k8s_openapi::jiff::Timestamp::now().as_second();
         let ttl = match &verdict {
-            Ok(_) => accepted_ttl(token_expiry(token), now_unix),
+            Ok(reviewed) => {
+                self.known_identities.put(
+                    &reviewed.username,
+                    (),
+                    KNOWN_IDENTITY_TTL,
+                    Instant::now(),
+                );
+                accepted_ttl(token_expiry(token), now_unix)
+            }
             Err(AuthError::Unauthenticated(_)) => Some(REJECTED_TTL),
             // Not the token's fault: ask again next time.
             Err(_) => None,
@@ -263,11 +295,95 @@ impl TokenReviewer {
         verdict
     }
 
-    async fn ask_api_server(&self, token: &str) -> Result<ReviewedToken, AuthError> {
+    /// One TokenReview for `token`, shared by every request that carries it while
+    /// it runs.
+    async fn review_once(&self, token: &str, known: bool) -> Result<ReviewedToken, AuthError> {
+        let key = token_key(token);
+        let cell = crate::runtime::lock(&self.in_flight)
+            .entry(key)
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        let verdict = cell
+            .get_or_init(|| self.ask_api_server(token, known))
+            .await
+            .clone();
+        let mut in_flight = crate::runtime::lock(&self.in_flight);
+        if in_flight
+            .get(&key)
+            .is_some_and(|running| Arc::ptr_eq(running, &cell))
+        {
+            in_flight.remove(&key);
+        }
+        verdict
+    }
+
+    /// The local check against the issuer's keys, reading them first when they are
+    /// not known yet or the token names a key id they do not hold.
+    async fn local_check(&self, token: &str) -> LocalCheck {
+        let now_unix = k8s_openapi::jiff::Timestamp::now().as_second();
+        for attempt in 0..2 {
+            let keys = self
+                .issuer_keys
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
+            let verdict = keys
+                .as_deref()
+                .map(|keys| token_signature::check(token, keys, TOKEN_AUDIENCE, now_unix));
+            match verdict {
+                Some(token_signature::Verdict::Valid { subject, .. }) => {
+                    return LocalCheck::Signed(subject);
+                }
+                Some(token_signature::Verdict::Invalid(reason)) => {
+                    return LocalCheck::Refused(reason);
+                }
+                Some(token_signature::Verdict::UnknownKey(kid)) if attempt == 1 => {
+                    return LocalCheck::Refused(format!(
+                        "the token is signed with key {kid:?}, which the cluster's service-account issuer does not publish"
+                    ));
+                }
+                None if attempt == 1 => return LocalCheck::NoKeys,
+                // No keys yet, or an unknown key id: read the keys (at most every
+                // ISSUER_KEYS_REFRESH) and look again.
+                _ => self.refresh_issuer_keys().await,
+            }
+        }
+        LocalCheck::NoKeys
+    }
+
+    /// Reads the issuer's keys from the API server's OIDC discovery, unless that
+    /// was tried less than [`ISSUER_KEYS_REFRESH`] ago; one caller at a time.
+    async fn refresh_issuer_keys(&self) {
+        let mut fetched = self.keys_fetched.lock().await;
+        if fetched.is_some_and(|at| at.elapsed() < ISSUER_KEYS_REFRESH) {
+            return;
+        }
+        *fetched = Some(Instant::now());
+        match fetch_issuer_keys(&self.client).await {
+            Ok(keys) => {
+                tracing::info!(issuer = %keys.issuer, keys = keys.len(), "service-account issuer keys read; tokens it did not sign are refused without a TokenReview");
+                *self
+                    .issuer_keys
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(keys));
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "cannot read the service-account issuer's keys (/.well-known/openid-configuration, /openid/v1/jwks); every token goes to a TokenReview: grant the operator get on those URLs (ClusterRole system:service-account-issuer-discovery)"
+            ),
+        }
+    }
+
+    async fn ask_api_server(&self, token: &str, known: bool) -> Result<ReviewedToken, AuthError> {
         let unavailable = |why: String| {
             AuthError::Unavailable(format!("cannot check the token right now ({why}); retry"))
         };
-        let _permit = tokio::time::timeout(TOKEN_REVIEW_TIMEOUT, self.in_flight.acquire())
+        let places = if known {
+            &self.renewals
+        } else {
+            &self.new_reviews
+        };
+        let _permit = tokio::time::timeout(TOKEN_REVIEW_TIMEOUT, places.acquire())
             .await
             .map_err(|_| unavailable("too many token checks are waiting".into()))?
             .map_err(|_| unavailable("the operator is shutting down".into()))?;
@@ -316,6 +432,37 @@ impl TokenReviewer {
         });
         verdict
     }
+}
+
+/// The service-account issuer and its keys, from the API server's OIDC discovery.
+async fn fetch_issuer_keys(client: &Client) -> Result<IssuerKeys, String> {
+    let get = |path: &str| {
+        axum::http::Request::get(path)
+            .body(Vec::new())
+            .map_err(|error| error.to_string())
+    };
+    let discovery = tokio::time::timeout(
+        TOKEN_REVIEW_TIMEOUT,
+        client.request_text(get("/.well-known/openid-configuration")?),
+    )
+    .await
+    .map_err(|_| "the API server did not answer".to_string())?
+    .map_err(|error| error.to_string())?;
+    let discovery: serde_json::Value = serde_json::from_str(&discovery)
+        .map_err(|error| format!("discovery is not JSON: {error}"))?;
+    let issuer = discovery
+        .get("issuer")
+        .and_then(|v| v.as_str())
+        .ok_or("the discovery document names no issuer")?
+        .to_string();
+    let jwks = tokio::time::timeout(
+        TOKEN_REVIEW_TIMEOUT,
+        client.request_text(get("/openid/v1/jwks")?),
+    )
+    .await
+    .map_err(|_| "the API server did not answer".to_string())?
+    .map_err(|error| error.to_string())?;
+    IssuerKeys::from_jwks(issuer, jwks.as_bytes())
 }
 
 #[cfg(test)]
@@ -493,8 +640,5 @@ mod tests {
         );
         assert_eq!(accepted_ttl(Some(1_750_000_100), 1_750_000_100), None);
         assert_eq!(accepted_ttl(None, 1_750_000_000), Some(ACCEPTED_TTL));
-        assert_eq!(base64url_decode("aGk").as_deref(), Some(&b"hi"[..]));
-        assert_eq!(base64url_decode("aGk=").as_deref(), Some(&b"hi"[..]));
-        assert_eq!(base64url_decode("a"), None);
     }
 }

@@ -14,6 +14,7 @@ pub mod connection_limits;
 pub mod listener;
 pub mod report_intake;
 pub mod token_cache;
+pub mod token_signature;
 
 use crate::agent_api::auth::{AuthError, TokenReviewer, authorize, bearer_token};
 use crate::artifacts::store::ArtifactStore;

@@ -88,7 +88,7 @@ impl<T: Clone> TokenCache<T> {
     }
 }
 
-fn token_key(token: &str) -> [u8; 32] {
+pub fn token_key(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
