@@ -8,7 +8,7 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, ETAG, IF_NONE_MATCH, RANGE};
 use shoal_api::agent_protocol::{self, AgentReport, AssignedModel, Assignment};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -87,8 +87,31 @@ pub struct ControlPlane {
     base_url: String,
     node: String,
     token_file: Option<PathBuf>,
-    client: reqwest::Client,
+    /// The CA file (`--control-plane-ca`), looked at again at most every
+    /// [`CA_CHECK_EVERY`]: when the operator's CA rotates, the kubelet swaps the
+    /// mounted ConfigMap's file, and the client is rebuilt to trust the new one.
+    ca_file: Option<PathBuf>,
+    client: std::sync::Mutex<TrustedClient>,
 }
+
+/// The HTTP client, and the version of the CA file it was built from.
+struct TrustedClient {
+    client: reqwest::Client,
+    ca_stamp: FileStamp,
+    checked: std::time::Instant,
+}
+
+/// What identifies one version of a file: its size and modification time.
+type FileStamp = Option<(u64, Option<std::time::SystemTime>)>;
+
+fn file_stamp(path: &Path) -> FileStamp {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()))
+}
+
+/// How often the CA file is looked at for a change, at most.
+pub const CA_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl ControlPlane {
     /// `ca_file` names the PEM CA (or bundle of CAs) that signed the operator's
@@ -104,38 +127,49 @@ impl ControlPlane {
             url: base_url.to_string(),
             reason,
         })?;
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT + agent_protocol_wait())
-            .user_agent(concat!("shoal-agent/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(&path)
-                .map_err(|e| ControlPlaneError::Client(format!("{}: {e}", path.display())))?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                ControlPlaneError::Client(format!("{}: not a PEM CA: {e}", path.display()))
-            })?;
-            if certificates.is_empty() {
-                return Err(ControlPlaneError::Client(format!(
-                    "{} holds no PEM certificate; give the CA that signed the operator's serving certificate",
-                    path.display()
-                )));
-            }
-            // A private CA replaces the public roots: a certificate any public CA
-            // issued for the operator's name must not be trusted as well.
-            builder = builder.tls_built_in_root_certs(false);
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
-        }
-        let client = builder
-            .build()
-            .map_err(|e| ControlPlaneError::Client(e.to_string()))?;
+        let ca_stamp = ca_file.as_deref().and_then(file_stamp);
+        let client = build_client(ca_file.as_deref())?;
         Ok(ControlPlane {
             base_url: base_url.trim_end_matches('/').to_string(),
             node: node.to_string(),
             token_file,
-            client,
+            ca_file,
+            client: std::sync::Mutex::new(TrustedClient {
+                client,
+                ca_stamp,
+                checked: std::time::Instant::now(),
+            }),
         })
+    }
+
+    /// The client to send with: rebuilt first when the CA file changed. A CA file
+    /// that does not load (half written) is logged and the client in use kept; the
+    /// next check tries again.
+    fn client(&self) -> reqwest::Client {
+        let mut current = self
+            .client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(ca_file) = &self.ca_file
+            && current.checked.elapsed() >= CA_CHECK_EVERY
+        {
+            current.checked = std::time::Instant::now();
+            let stamp = file_stamp(ca_file);
+            if stamp != current.ca_stamp {
+                match build_client(Some(ca_file)) {
+                    Ok(client) => {
+                        tracing::info!(ca = %ca_file.display(), "the control plane's CA file changed; trusting its new contents");
+                        current.client = client;
+                        current.ca_stamp = stamp;
+                    }
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "the control plane's CA file changed but does not load; the CA in use stays trusted"
+                    ),
+                }
+            }
+        }
+        current.client.clone()
     }
 
     fn url(&self, path: &str) -> String {
@@ -183,7 +217,7 @@ impl ControlPlane {
     ) -> Result<Poll, ControlPlaneError> {
         let url = self.url(&agent_protocol::assignment_path(&self.node));
         let mut request = self
-            .client
+            .client()
             .get(&url)
             .query(&[("waitSeconds", wait.as_secs().to_string())])
             .timeout(wait + POLL_GRACE);
@@ -241,7 +275,7 @@ impl ControlPlane {
             return Ok(cache.commit_download(&model.artifact_digest)?);
         }
         let url = self.url(&model.download_path);
-        let mut request = self.client.get(&url);
+        let mut request = self.client().get(&url);
         if offset > 0 {
             request = request.header(RANGE, format!("bytes={offset}-"));
         }
@@ -292,7 +326,7 @@ impl ControlPlane {
     pub async fn report(&self, report: &AgentReport) -> Result<(), ControlPlaneError> {
         let url = self.url(&agent_protocol::report_path(&self.node));
         let request = self
-            .client
+            .client()
             .post(&url)
             .json(report)
             .timeout(CONNECT_TIMEOUT + READ_TIMEOUT);
@@ -369,6 +403,37 @@ async fn check(
         status,
         body,
     })
+}
+
+/// The HTTP client for the control plane. With `ca_file` (a PEM CA, or a bundle of
+/// CAs during a rotation) it trusts those CAs only, not the public roots.
+fn build_client(ca_file: Option<&Path>) -> Result<reqwest::Client, ControlPlaneError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT + agent_protocol_wait())
+        .user_agent(concat!("shoal-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| ControlPlaneError::Client(format!("{}: {e}", path.display())))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            ControlPlaneError::Client(format!("{}: not a PEM CA: {e}", path.display()))
+        })?;
+        if certificates.is_empty() {
+            return Err(ControlPlaneError::Client(format!(
+                "{} holds no PEM certificate; give the CA that signed the operator's serving certificate",
+                path.display()
+            )));
+        }
+        // A private CA replaces the public roots: a certificate any public CA
+        // issued for the operator's name must not be trusted as well.
+        builder = builder.tls_built_in_root_certs(false);
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| ControlPlaneError::Client(e.to_string()))
 }
 
 #[cfg(test)]

@@ -185,3 +185,49 @@ async fn with_a_ca_given_only_that_ca_is_trusted() {
     };
     assert!(error.contains("UnknownIssuer"), "{error}");
 }
+
+/// Issue: the agent read `--control-plane-ca` once at start, so an operator whose
+/// CA rotated stranded every agent until it restarted. Now a changed CA file (the
+/// kubelet swaps a ConfigMap mount's files) is trusted from the next request on.
+#[tokio::test]
+async fn a_rotated_ca_file_is_trusted_without_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (ours, _, _) = ca_and_server_certificate(dir.path(), "ours");
+    let (next, next_cert, next_key) = ca_and_server_certificate(dir.path(), "next");
+    let wait = Duration::from_secs(1);
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::copy(&ours, &ca_file).expect("copies the CA");
+
+    // The operator already serves a certificate of the next CA.
+    let server = assignment_server(&next_cert, &next_key).await;
+    let client =
+        ControlPlane::new(&server, "n1", None, Some(ca_file.clone())).expect("the client builds");
+    let error = match client.poll_assignment(None, wait).await {
+        Ok(poll) => panic!("a server the next CA signed was trusted before the rotation: {poll:?}"),
+        Err(error) => chain(&error),
+    };
+    assert!(error.contains("UnknownIssuer"), "{error}");
+
+    // The rotation reaches the node: both CAs, for the overlap, swapped in whole
+    // (written aside and renamed, as the kubelet does).
+    let mut bundle = std::fs::read(&ours).expect("reads our CA");
+    bundle.extend(std::fs::read(&next).expect("reads the next CA"));
+    let staged = dir.path().join("ca.crt.new");
+    std::fs::write(&staged, bundle).expect("writes the bundle");
+    std::fs::rename(&staged, &ca_file).expect("swaps the file");
+    tokio::time::sleep(shoal_agent::control_plane::CA_CHECK_EVERY + Duration::from_millis(200))
+        .await;
+    match client.poll_assignment(None, wait).await {
+        Ok(Poll::Changed { assignment, .. }) => assert_eq!(assignment.node, "n1"),
+        other => panic!("the rotated CA file must be trusted without a restart: {other:?}"),
+    }
+
+    // A CA file that does not load keeps the CAs in use.
+    std::fs::write(&ca_file, b"not a certificate").expect("writes garbage");
+    tokio::time::sleep(shoal_agent::control_plane::CA_CHECK_EVERY + Duration::from_millis(200))
+        .await;
+    match client.poll_assignment(None, wait).await {
+        Ok(Poll::Changed { assignment, .. }) => assert_eq!(assignment.node, "n1"),
+        other => panic!("a broken CA file must not drop the trusted CAs: {other:?}"),
+    }
+}
