@@ -61,6 +61,16 @@ pub enum ControlPlaneError {
 }
 
 impl ControlPlaneError {
+    /// Whether a new try in a second may succeed: the control plane answered 503
+    /// (a replica that is not the leader, or one still starting) or could not be
+    /// reached.
+    pub fn is_worth_retrying_soon(&self) -> bool {
+        matches!(
+            self,
+            ControlPlaneError::Status { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE
+        ) || matches!(self, ControlPlaneError::Unreachable { .. })
+    }
+
     /// Whether the control plane sent bytes that cannot be the artifact (the
     /// wrong digest, or more than it may be): the same download would fail the
     /// same way, so it waits longer before the next attempt.

@@ -12,6 +12,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Tries of one report when the control plane answers 503 (a follower replica) or
+/// cannot be reached, one [`REPORT_RETRY`] apart, all within the report interval.
+const REPORT_ATTEMPTS: u32 = 4;
+const REPORT_RETRY: Duration = Duration::from_secs(1);
 /// How long each long-poll waits for a change.
 const POLL_WAIT: Duration = Duration::from_secs(30);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -324,8 +328,25 @@ impl Syncer {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
                 models: self.registry.model_reports(),
             };
-            if let Err(error) = self.control_plane.report(&report).await {
-                tracing::debug!(%error, "report not delivered; the next one carries the same cumulative counters");
+            let sent = tokio::time::Instant::now();
+            for attempt in 1..=REPORT_ATTEMPTS {
+                match self.control_plane.report(&report).await {
+                    Ok(()) => break,
+                    // A replica that is not the leader, or one that is restarting:
+                    // another try soon (on a new connection) may reach the leader.
+                    Err(error)
+                        if error.is_worth_retrying_soon()
+                            && attempt < REPORT_ATTEMPTS
+                            && sent.elapsed() + REPORT_RETRY < every =>
+                    {
+                        tracing::debug!(%error, attempt, "report not delivered; trying again");
+                        tokio::time::sleep(REPORT_RETRY).await;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "report not delivered; the next one carries the same cumulative counters");
+                        break;
+                    }
+                }
             }
         }
     }
@@ -647,6 +668,53 @@ mod tests {
             server.ranges().len(),
             2,
             "a changed assignment downloads at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_report_refused_by_a_follower_is_sent_again_within_the_interval() {
+        use axum::http::{StatusCode, header};
+        use axum::response::IntoResponse;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // Two followers' 503s (with Connection: close), then the leader takes it.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let handler = move || {
+            let seen = seen.clone();
+            async move {
+                if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
+                        "not the leader",
+                    )
+                        .into_response()
+                } else {
+                    StatusCode::NO_CONTENT.into_response()
+                }
+            }
+        };
+        let app = axum::Router::new().route(
+            "/agent/v1/nodes/{node}/report",
+            axum::routing::post(handler),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let temp = tempfile::tempdir().expect("tempdir");
+        let syncer = Arc::new(syncer_with(temp.path(), &url, 1 << 20));
+        let reporting = tokio::spawn(syncer.report_every(Duration::from_secs(10)));
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while calls.load(Ordering::SeqCst) < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        reporting.abort();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "the first report is tried again until the leader takes it, not 10 s later"
         );
     }
 }

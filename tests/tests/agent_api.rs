@@ -820,6 +820,33 @@ async fn an_agent_downloads_only_its_nodes_artifacts() -> anyhow::Result<()> {
             );
         }
     }
+    // A follower refuses reports (only the leader writes status from them) and
+    // closes the connection, so that the agent's next try is balanced anew.
+    let refused = fleet_x
+        .http
+        .post(format!(
+            "{}{}",
+            follower.agent_api_url(),
+            report_path(&node_x)
+        ))
+        .bearer_auth(&token_x)
+        .body(serde_json::to_vec(&report(
+            &node_x,
+            "2025-01-01T00:00:00Z",
+            "1.0",
+            1,
+            0,
+        ))?)
+        .send()
+        .await?;
+    ensure!(
+        refused.status() == StatusCode::SERVICE_UNAVAILABLE
+            && header(&refused, "retry-after") == "1"
+            && header(&refused, "connection") == "close",
+        "a follower answers a report with 503, Retry-After: 1 and Connection: close: {} {:?}",
+        refused.status(),
+        refused.headers()
+    );
     follower.stop().await?;
     fleet_y.finish().await?;
     fleet_x.finish().await

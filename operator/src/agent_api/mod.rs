@@ -115,6 +115,11 @@ impl AgentApi {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// `Retry-After` of a 503 (default [`RETRY_AFTER`]).
+    pub retry_after: Option<Duration>,
+    /// Answer with `Connection: close`, so that the client's next request opens a
+    /// new connection (which a Service may balance to another replica).
+    pub close_connection: bool,
 }
 
 /// How long an agent should wait before retrying a 503.
@@ -125,6 +130,18 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
+            close_connection: false,
+        }
+    }
+
+    /// 503 from a replica that is not the leader, for a request only the leader
+    /// takes: retry in a second, on a new connection.
+    pub fn not_the_leader(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(Duration::from_secs(1)),
+            close_connection: true,
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
         }
     }
 
@@ -165,8 +182,11 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(
                 header::RETRY_AFTER,
-                HeaderValue::from(RETRY_AFTER.as_secs()),
+                HeaderValue::from(self.retry_after.unwrap_or(RETRY_AFTER).as_secs()),
             );
+        }
+        if self.close_connection {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -30,11 +30,11 @@ pub async fn report(
     if !api.fleet.is_leading() {
         // Reports feed status and rollout analysis, which only the leader writes.
         // Agents send cumulative counters, so the next report that reaches the
-        // leader loses nothing.
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this operator replica is not the leader; send the next report again \
-             (through the Service it reaches any replica, the leader among them)",
+        // leader loses nothing. The connection is closed: a Service balances per
+        // connection, so an agent that kept this one would keep reaching us.
+        return Err(ApiError::not_the_leader(
+            "this operator replica is not the leader; send the report again in a second, \
+             on a new connection (through the Service it reaches any replica, the leader among them)",
         ));
     }
     let body = read_report_body(body).await?;
