@@ -289,7 +289,10 @@ async fn a_pool_that_would_run_a_foreign_image_on_control_plane_nodes_is_refused
             "intruder",
             &PatchParams::default(),
             &Patch::Merge(json!({ "spec": {
-                "nodeSelector": { "matchLabels": { POOL_LABEL: "policy-fixed" } },
+                "nodeSelector": { "matchLabels": {
+                    "node-role.kubernetes.io/control-plane": null,
+                    POOL_LABEL: "policy-fixed",
+                } },
                 "tolerations": [{ "key": KWOK_NODE_KEY, "operator": "Exists", "effect": "NoSchedule" }],
                 "agent": { "image": null },
             } })),
