@@ -1068,9 +1068,12 @@ fn memory_of(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// One unauthenticated client: declares a 256 KiB report, sends all but its last
-/// byte, and holds the connection open until `hold` is released. Returns the status
-/// the operator answered and how long after the headers it came.
+/// One unauthenticated client: declares a 256 KiB report, waits for the answer
+/// (which must come although no byte of the body has been sent), then sends all
+/// but the last byte of the body and holds the connection open until `hold` is
+/// released. Returns the status the operator answered and how long after the
+/// headers it came. (A client that keeps writing a body the server will not read
+/// may see the connection reset before it reads the answer, so the body goes after.)
 async fn stalled_report(
     source: std::net::Ipv4Addr,
     operator: std::net::SocketAddr,
@@ -1089,11 +1092,6 @@ async fn stalled_report(
     );
     write.write_all(head.as_bytes()).await?;
     let sent = Instant::now();
-    let body = tokio::spawn(async move {
-        // All but the last byte, then silence; the operator may close first.
-        let _ = write.write_all(&vec![b' '; DECLARED - 1]).await;
-        write
-    });
     let mut reader = tokio::io::BufReader::new(read);
     let mut status_line = String::new();
     tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut status_line))
@@ -1105,7 +1103,12 @@ async fn stalled_report(
         .nth(1)
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("not an HTTP status line: {status_line:?}"))?;
-    // Stall: keep the socket open until every client has its answer.
+    // All but the last byte of the body, then silence until every client has its
+    // answer; the operator may have closed the connection already.
+    let body = tokio::spawn(async move {
+        let _ = write.write_all(&vec![b' '; DECLARED - 1]).await;
+        write
+    });
     answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let _held = hold.acquire().await;
     drop(body);
