@@ -1,6 +1,8 @@
 //! Who is calling the agent API. An agent presents the projected ServiceAccount
-//! token its pod mounts (audience `shoal`); the API server vouches for it through a
-//! TokenReview, and the rule in [`authorize`] decides which agent, if any, it is.
+//! token its pod mounts (audience `shoal`). A token not signed with the cluster's
+//! service-account keys is refused at once ([`token_signature`]); otherwise the API
+//! server vouches for it through a TokenReview, and the rule in [`authorize`]
+//! decides which agent, if any, it is.
 
 use crate::agent_api::token_cache::{ACCEPTED_TTL, CAPACITY, REJECTED_TTL, TokenCache, token_key};
 use crate::agent_api::token_signature::{self, IssuerKeys, unchecked_claims};
