@@ -597,6 +597,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_source_named_by_host_name_is_fetched_through_the_guarded_resolver() {
+        // localhost resolves to loopback addresses only; allowed here, so the
+        // resolver hands them (with the URL's port) to the connection.
+        let url = serve_once(response("200 OK", &["Content-Length: 5"], b"hello"));
+        let by_name = url.replace("127.0.0.1", "localhost");
+        let policy = SourcePolicy::new(vec![
+            "127.0.0.0/8".parse().expect("network"),
+            "::1".parse().expect("network"),
+        ]);
+        let client = http_client(Arc::new(policy.clone()), None).expect("client");
+        let body = fetch_http(&client, &policy, &format!("{by_name}/m.onnx"), 1024)
+            .await
+            .expect("fetch by name");
+        assert_eq!(body, b"hello");
+    }
+
+    #[tokio::test]
     async fn a_redirect_into_a_refused_network_is_not_followed() {
         // The source on 127.0.0.2 is allowed; it redirects to 127.0.0.1, which is not.
         let target = serve_once(response("200 OK", &["Content-Length: 6"], b"secret"));
