@@ -89,9 +89,10 @@ openssl x509 -req -in "$demo/tls/agent-api.csr" -CA "$demo/tls/ca.crt" -CAkey "$
 setsid "$bin/shoal-operator" run --namespace shoal-demo --artifact-dir "$demo/artifacts" \
   --metrics-addr 127.0.0.1:18080 --agent-api-addr "$agent_api" --agent-api-url "https://$agent_api" \
   --tls-cert "$demo/tls/agent-api.crt" --tls-key "$demo/tls/agent-api.key" --agent-api-ca "$demo/tls/ca.crt" \
-  --agent-stale-after 30s >"$demo/operator.log" 2>&1 </dev/null &
+  --agent-stale-after 30s --allow-source-network 127.0.0.1/32 >"$demo/operator.log" 2>&1 </dev/null &
 echo $! >"$demo/operator.pid"
-# The models' HTTP source: a plain file server on loopback, as an object store would be.
+# The models' HTTP source: a plain file server on loopback, as an object store would be
+# (the operator refuses loopback sources unless allowed: --allow-source-network above).
 setsid python3 -m http.server --bind 127.0.0.1 --directory "$recommender" 18081 \
   >"$demo/model-server.log" 2>&1 </dev/null &
 echo $! >"$demo/model-server.pid"
